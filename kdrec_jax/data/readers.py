@@ -90,13 +90,14 @@ def _lines(f: io.TextIOBase) -> Iterator[tuple[int, str]]:
     yield lineno, line.rstrip("\r\n")
 
 
-def _parse_int(path: str, lineno: int, token: str, field: str) -> int:
-  try:
-    value = int(token)
-  except ValueError:
-    raise DataError.at(path, lineno, f"{token!r} is not an integer", field) from None
+def _parse_int(path: str, lineno: int, token: str, field: str, what: str = "id") -> int:
+  """A non-negative decimal integer (no signs other than '-', no underscores)."""
+  digits = token[1:] if token.startswith("-") else token
+  if not (digits.isascii() and digits.isdigit()):
+    raise DataError.at(path, lineno, f"{token!r} is not an integer", field)
+  value = int(token)
   if value < 0:
-    raise DataError.at(path, lineno, f"negative id {value}", field)
+    raise DataError.at(path, lineno, f"negative {what} {value}", field)
   return value
 
 
@@ -125,7 +126,7 @@ def read_citeulike(path: PathLike) -> Records:
       tokens = line.split()
       if not tokens:
         raise DataError.at(path, lineno, "empty line (a user without items is written '0')")
-      count = _parse_int(path, lineno, tokens[0], "count")
+      count = _parse_int(path, lineno, tokens[0], "count", "count")
       ids = [_parse_int(path, lineno, t, f"item {k}") for k, t in enumerate(tokens[1:], 1)]
       if count != len(ids):
         raise DataError.at(path, lineno, f"count {count} does not match {len(ids)} item ids")
