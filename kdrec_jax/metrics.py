@@ -1,0 +1,320 @@
+"""Top-K ranking metrics (HR, Recall, NDCG, MRR) under full-ranking and sampled protocols.
+
+Conventions, shared by every function here:
+
+* Rank 1 is best. A candidate ranks above another if its score is greater, or the scores are equal
+  and its item id is smaller; this is exactly the order of a stable `argsort(-scores)` over the
+  candidates listed by increasing item id (numpy's order, so NaN scores rank below every other
+  score, -inf included). Scores are compared as float32 and -0.0 ties with +0.0.
+* Candidates. 'full': every item except the user's training items and the items of the other
+  held-out split ('test' excludes 'val' items, 'val' excludes 'test' items). Items with a -inf or
+  NaN score are still candidates. Held-out items are always candidates, even if the data also lists
+  them in train or in the other split. 'sampled': the user's held-out items plus `num_negatives`
+  items drawn uniformly with replacement from the items the user has in none of train/val/test.
+* Per user with held-out set H (|H| >= 1; users with an empty H are skipped) and ranks r_h:
+  HR@K = 1[any r_h <= K]; Recall@K = #{r_h <= K} / |H|;
+  NDCG@K = sum_{r_h <= K} 1/log2(r_h + 1) / sum_{r=1}^{min(K, |H|)} 1/log2(r + 1);
+  MRR = 1 / min_h r_h (no cutoff). Reported values are means over evaluated users.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdrec_jax import sparse
+from kdrec_jax.data.interactions import Interactions
+
+ScoreFn = Callable[[Any, jax.Array], jax.Array]
+
+DEFAULT_KS = (10, 20, 50, 100)
+PROTOCOLS = ("full", "sampled")
+
+# Order keys are int32 with the same order as the float32 scores; excluded slots get the minimum.
+_EXCLUDED_KEY = np.iinfo(np.int32).min
+_NEG_INF_KEY = -2139095041  # order key of -inf (bits 0xFF800000 with the low 31 bits flipped)
+_NAN_KEY = _NEG_INF_KEY - 1  # NaN ranks below -inf but above excluded slots
+
+
+def metric_names(ks: Sequence[int]) -> tuple[str, ...]:
+  """Names of the metrics produced for cutoffs `ks`, in output order."""
+  names = []
+  for k in ks:
+    names += [f"HR@{k}", f"Recall@{k}", f"NDCG@{k}"]
+  return tuple(names) + ("MRR",)
+
+
+def order_key(scores: jax.Array) -> jax.Array:
+  """int32 keys ordered like float32 `scores` (NaN lowest, -0.0 == +0.0); all > excluded."""
+  s = scores.astype(jnp.float32)
+  s = jnp.where(s == 0, jnp.zeros_like(s), s)
+  bits = jax.lax.bitcast_convert_type(s, jnp.int32)
+  key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+  return jnp.where(jnp.isnan(s), jnp.int32(_NAN_KEY), key)
+
+
+def ranking_metrics_from_ranks(ranks: jax.Array, valid: jax.Array, ks: Sequence[int]
+                               ) -> dict[str, jax.Array]:
+  """Per-row metrics from the 1-based ranks of each row's held-out items.
+
+  Args:
+    ranks: int [B, H], rank of each held-out item among the row's candidates. Ranks <= max(ks)
+      must be exact; larger ones only enter through MRR, which needs the row minimum to be exact.
+    valid: bool [B, H], False for padding slots; |H| of a row is its number of valid slots.
+    ks: cutoffs.
+
+  Returns:
+    {name: float32 [B]} keyed as `metric_names(ks)`; rows with no valid slot give zeros.
+  """
+  ranks = ranks.astype(jnp.float32)
+  num_rel = jnp.sum(valid, axis=-1)
+  has_rel = num_rel > 0
+  gain = jnp.where(valid, 1.0 / jnp.log2(ranks + 1.0), 0.0)
+  out = {}
+  for k in ks:
+    hit = valid & (ranks <= k)
+    disc = 1.0 / jnp.log2(jnp.arange(2, k + 2, dtype=jnp.float32))
+    ideal = jnp.concatenate([jnp.zeros(1, jnp.float32), jnp.cumsum(disc)])
+    idcg = ideal[jnp.minimum(num_rel, k)]
+    dcg = jnp.sum(jnp.where(hit, gain, 0.0), axis=-1)
+    out[f"HR@{k}"] = jnp.any(hit, axis=-1).astype(jnp.float32)
+    out[f"Recall@{k}"] = jnp.sum(hit, axis=-1) / jnp.maximum(num_rel, 1).astype(jnp.float32)
+    out[f"NDCG@{k}"] = jnp.where(has_rel, dcg / jnp.where(has_rel, idcg, 1.0), 0.0)
+  best = jnp.min(jnp.where(valid, ranks, jnp.inf), axis=-1)
+  out["MRR"] = jnp.where(has_rel, 1.0 / jnp.where(has_rel, best, 1.0), 0.0)
+  return out
+
+
+def ranks_among_candidates(keys: jax.Array, items: jax.Array, relevant: jax.Array
+                           ) -> tuple[jax.Array, jax.Array]:
+  """Ranks of relevant candidates given order keys and item ids per row.
+
+  Args:
+    keys: int32 [B, N] from `order_key`, or the excluded key for slots that are not candidates.
+    items: int32 [B, N] item ids (ties are broken by smaller id).
+    relevant: bool [B, N], held-out candidates.
+
+  Returns:
+    (ranks int32 [B, N], valid bool [B, N]) for `ranking_metrics_from_ranks`; slots are in rank
+    order, so ranks is simply 1..N and valid marks where relevant candidates landed.
+  """
+  _, _, rel = jax.lax.sort((~keys, items, relevant.astype(jnp.int32)), dimension=-1, num_keys=2)
+  ranks = jnp.broadcast_to(jnp.arange(1, keys.shape[-1] + 1, dtype=jnp.int32), keys.shape)
+  return ranks, rel.astype(bool)
+
+
+def full_ranks(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCSR,
+               held: sparse.DeviceCSR, max_k: int) -> tuple[jax.Array, jax.Array]:
+  """Ranks of each user's held-out items among all non-excluded items.
+
+  Uses one `lax.top_k` (ties to the lower index, i.e. the lower item id) for ranks <= max_k and
+  one [C, I] count for the best held-out item's exact rank. Returns (ranks [C, H], valid [C, H])
+  with H = `held.max_len`, in the contract of `ranking_metrics_from_ranks`.
+  """
+  num_users, num_items = scores.shape
+  is_held = sparse.row_mask(held, users, num_items)
+  candidate = ~sparse.row_mask(excluded, users, num_items) | is_held
+  key = jnp.where(candidate, order_key(scores), jnp.int32(_EXCLUDED_KEY))
+  top = min(max_k, num_items)
+  _, top_items = jax.lax.top_k(key, top)
+  rows = jnp.arange(num_users)[:, None]
+  position = jnp.full((num_users, num_items), top + 1, jnp.int32)
+  position = position.at[rows, top_items].set(jnp.arange(1, top + 1, dtype=jnp.int32)[None, :])
+  # Exact rank of the best held-out item: count the candidates ordered before it.
+  ids = jnp.arange(num_items, dtype=jnp.int32)[None, :]
+  best_key = jnp.max(jnp.where(is_held, key, jnp.int32(_EXCLUDED_KEY)), axis=-1, keepdims=True)
+  best_id = jnp.min(jnp.where(is_held & (key == best_key), ids, num_items), axis=-1,
+                    keepdims=True)
+  before = candidate & ((key > best_key) | ((key == best_key) & (ids < best_id)))
+  best_rank = 1 + jnp.sum(before, axis=-1, dtype=jnp.int32)
+  held_items, valid = sparse.padded_rows(held, users, pad=0)
+  held_pos = jnp.take_along_axis(position, held_items, axis=-1)
+  ranks = jnp.where(held_pos <= top, held_pos, jnp.maximum(best_rank, top + 1)[:, None])
+  return ranks, valid
+
+
+def sample_negatives(key: jax.Array, users: jax.Array, seen: sparse.DeviceCSR,
+                     num_negatives: int, num_items: int, max_tries: int = 32
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Uniform negatives per user, with replacement, avoiding items in the user's `seen` row.
+
+  Each slot is redrawn (rejection) up to `max_tries` times in total; slots still hitting a seen
+  item are returned as invalid and dropped from the candidates. Draws depend only on (key, user),
+  not on chunking. Returns (items int32 [C, N], valid bool [C, N]).
+  """
+  user_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, users)
+
+  def draw(t):
+    return jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, t), (num_negatives,),
+                                                 0, num_items, jnp.int32))(user_keys)
+
+  def is_seen(items):
+    return sparse.contains(seen, users[:, None], items)
+
+  def cond(state):
+    t, _, bad = state
+    return (t < max_tries) & jnp.any(bad)
+
+  def body(state):
+    t, items, bad = state
+    items = jnp.where(bad, draw(t), items)
+    return t + 1, items, is_seen(items)
+
+  items = draw(0)
+  _, items, bad = jax.lax.while_loop(cond, body, (jnp.int32(1), items, is_seen(items)))
+  return items, ~bad
+
+
+def sampled_ranks(scores: jax.Array, users: jax.Array, held: sparse.DeviceCSR,
+                  negatives: jax.Array, negatives_valid: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Ranks of held-out items among held-out items plus the given negatives."""
+  held_items, held_valid = sparse.padded_rows(held, users, pad=0)
+  items = jnp.concatenate([held_items, negatives], axis=-1)
+  valid = jnp.concatenate([held_valid, negatives_valid], axis=-1)
+  relevant = jnp.concatenate([held_valid, jnp.zeros_like(negatives_valid)], axis=-1)
+  keys = jnp.where(valid, order_key(jnp.take_along_axis(scores, items, axis=-1)),
+                   jnp.int32(_EXCLUDED_KEY))
+  return ranks_among_candidates(keys, items, relevant)
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "ks", "chunk_size", "protocol",
+                                             "num_negatives", "max_tries"))
+def _per_user_chunked(score_fn: ScoreFn, params: Any, users: jax.Array,
+                      excluded: sparse.DeviceCSR, held: sparse.DeviceCSR,
+                      seen: sparse.DeviceCSR, key: jax.Array | None, *, ks: tuple[int, ...],
+                      chunk_size: int, protocol: str, num_negatives: int, max_tries: int
+                      ) -> dict[str, jax.Array]:
+  """Per-user metrics for `users` (length a multiple of chunk_size), chunked with lax.map."""
+
+  def one_chunk(chunk):
+    scores = score_fn(params, chunk)
+    if protocol == "full":
+      ranks, valid = full_ranks(scores, chunk, excluded, held, max(ks))
+    else:
+      negs, negs_valid = sample_negatives(key, chunk, seen, num_negatives, scores.shape[-1],
+                                          max_tries)
+      ranks, valid = sampled_ranks(scores, chunk, held, negs, negs_valid)
+    return ranking_metrics_from_ranks(ranks, valid, ks)
+
+  out = jax.lax.map(one_chunk, users.reshape(-1, chunk_size))
+  return {name: v.reshape(-1) for name, v in out.items()}
+
+
+def _union_csr(num_users: int, num_items: int, *csrs: tuple[np.ndarray, np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Row-wise union of CSR matrices (sorted, unique items per row)."""
+  codes = []
+  for indptr, indices in csrs:
+    users = np.repeat(np.arange(num_users, dtype=np.int64), np.diff(indptr))
+    codes.append(users * num_items + indices.astype(np.int64))
+  codes = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+  counts = np.bincount(codes // num_items, minlength=num_users)
+  indptr = np.zeros(num_users + 1, np.int64)
+  np.cumsum(counts, out=indptr[1:])
+  return indptr, (codes % num_items).astype(np.int32)
+
+
+class Evaluator:
+  """Device-side evaluation data for one (data, split, protocol), with a jitted chunked evaluation.
+
+  Build once and call repeatedly: `Evaluator(data, 'test')(score_fn, params) -> {name: mean}`.
+  `score_fn(params, users int32 [C]) -> float [C, num_items]` must be pure and jittable; it is a
+  static argument of the jitted function, so pass the same function object each time (e.g. a
+  module-level function, not a fresh lambda) to avoid recompiling.
+  """
+
+  def __init__(self, data: Interactions, split: str = "test", ks: Sequence[int] = DEFAULT_KS,
+               chunk_size: int = 1024, protocol: str = "full", num_negatives: int = 499,
+               max_tries: int = 32):
+    if split not in ("val", "test"):
+      raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    if protocol not in PROTOCOLS:
+      raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    ks = tuple(sorted({int(k) for k in ks}))
+    if not ks or ks[0] < 1:
+      raise ValueError(f"ks must be positive cutoffs, got {ks}")
+    if chunk_size < 1 or num_negatives < 1 or max_tries < 1:
+      raise ValueError("chunk_size, num_negatives and max_tries must be >= 1")
+    self.data, self.split, self.ks, self.protocol = data, split, ks, protocol
+    self.num_negatives, self.max_tries = int(num_negatives), int(max_tries)
+    self.names = metric_names(ks)
+    other = "val" if split == "test" else "test"
+    held_indptr, held_indices = data.split(split)
+    self.users = np.flatnonzero(np.diff(held_indptr) > 0).astype(np.int32)
+    n = len(self.users)
+    self.chunk_size = max(1, min(int(chunk_size), n))
+    pad = (-n) % self.chunk_size
+    fill = self.users[-1] if n else 0
+    self._padded_users = jnp.asarray(np.concatenate([self.users, np.full(pad, fill, np.int32)]))
+    self._held = sparse.DeviceCSR.from_numpy(held_indptr, held_indices)
+    u, i = data.num_users, data.num_items
+    self._excluded = sparse.DeviceCSR.from_numpy(
+        *_union_csr(u, i, data.split("train"), data.split(other)))
+    self._seen = (sparse.DeviceCSR.from_numpy(
+        *_union_csr(u, i, data.split("train"), data.split("val"), data.split("test")))
+                  if protocol == "sampled" else None)
+
+  @property
+  def num_users(self) -> int:
+    """Number of evaluated users (those with a non-empty held-out set)."""
+    return len(self.users)
+
+  def _key(self, key: jax.Array | None) -> jax.Array | None:
+    if self.protocol != "sampled":
+      return None
+    return jax.random.key(0) if key is None else key
+
+  def per_user(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None
+               ) -> dict[str, np.ndarray]:
+    """{name: float32 [num_users]}, rows aligned with `self.users` (increasing user id).
+
+    `key` seeds the sampled protocol (default `jax.random.key(0)`); ignored for 'full'.
+    """
+    if not self.num_users:
+      return {name: np.zeros(0, np.float32) for name in self.names}
+    out = _per_user_chunked(score_fn, params, self._padded_users, self._excluded, self._held,
+                            self._seen, self._key(key), ks=self.ks, chunk_size=self.chunk_size,
+                            protocol=self.protocol, num_negatives=self.num_negatives,
+                            max_tries=self.max_tries)
+    return {name: np.asarray(out[name])[:self.num_users] for name in self.names}
+
+  def __call__(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None
+               ) -> dict[str, float]:
+    """{name: mean over evaluated users}; NaN if no user has held-out items."""
+    per_user = self.per_user(score_fn, params, key)
+    return {name: float(np.mean(v, dtype=np.float64)) if len(v) else float("nan")
+            for name, v in per_user.items()}
+
+  def negatives(self, key: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled protocol's negatives for `self.users`: (items int32 [U, N], valid bool [U, N])."""
+    if self.protocol != "sampled":
+      raise ValueError("negatives exist only for protocol='sampled'")
+    items, valid = jax.jit(sample_negatives, static_argnums=(3, 4, 5))(
+        self._key(key), jnp.asarray(self.users), self._seen, self.num_negatives,
+        self.data.num_items, self.max_tries)
+    return np.asarray(items), np.asarray(valid)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_evaluator(data: Interactions, split: str, ks: tuple[int, ...], chunk_size: int,
+                      protocol: str, num_negatives: int) -> Evaluator:
+  return Evaluator(data, split, ks, chunk_size, protocol, num_negatives)
+
+
+def evaluate(score_fn: ScoreFn, params: Any, data: Interactions, split: str = "test",
+             ks: Sequence[int] = DEFAULT_KS, chunk_size: int = 1024, protocol: str = "full",
+             num_negatives: int = 499, key: jax.Array | None = None, per_user: bool = False
+             ) -> Mapping[str, float] | Mapping[str, np.ndarray]:
+  """Means of `metric_names(ks)` over users with held-out items (per-user arrays if `per_user`).
+
+  Convenience wrapper over a cached `Evaluator` (keyed by the `data` object and the settings).
+  """
+  evaluator = _cached_evaluator(data, split, tuple(ks), int(chunk_size), protocol,
+                                int(num_negatives))
+  if per_user:
+    return evaluator.per_user(score_fn, params, key)
+  return evaluator(score_fn, params, key)
