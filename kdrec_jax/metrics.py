@@ -108,32 +108,31 @@ def ranks_among_candidates(keys: jax.Array, items: jax.Array, relevant: jax.Arra
 
 def full_ranks(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCSR,
                held: sparse.DeviceCSR, max_k: int) -> tuple[jax.Array, jax.Array]:
-  """Ranks of each user's held-out items among all non-excluded items.
+  """Exact ranks of each user's held-out items among all non-excluded items.
 
-  Uses one `lax.top_k` (ties to the lower index, i.e. the lower item id) for ranks <= max_k and
-  one [C, I] count for the best held-out item's exact rank. Returns (ranks [C, H], valid [C, H])
-  with H = `held.max_len`, in the contract of `ranking_metrics_from_ranks`.
+  The rank of a held-out item is 1 + the number of candidates ordered before it (higher key, or
+  equal key and smaller id): one [C, I] comparison per held-out slot, in a loop over slots, so
+  memory stays O(C x I). Leave-one-out needs one pass. (XLA's CPU `top_k` on int32 keys falls back
+  to a full sort and is ~75x slower than this count.) Returns (ranks [C, H], valid [C, H]) with
+  H = `held.max_len`, in the contract of `ranking_metrics_from_ranks`; `max_k` is unused.
   """
+  del max_k
   num_users, num_items = scores.shape
   is_held = sparse.row_mask(held, users, num_items)
   candidate = ~sparse.row_mask(excluded, users, num_items) | is_held
   key = jnp.where(candidate, order_key(scores), jnp.int32(_EXCLUDED_KEY))
-  top = min(max_k, num_items)
-  _, top_items = jax.lax.top_k(key, top)
-  rows = jnp.arange(num_users)[:, None]
-  position = jnp.full((num_users, num_items), top + 1, jnp.int32)
-  position = position.at[rows, top_items].set(jnp.arange(1, top + 1, dtype=jnp.int32)[None, :])
-  # Exact rank of the best held-out item: count the candidates ordered before it.
   ids = jnp.arange(num_items, dtype=jnp.int32)[None, :]
-  best_key = jnp.max(jnp.where(is_held, key, jnp.int32(_EXCLUDED_KEY)), axis=-1, keepdims=True)
-  best_id = jnp.min(jnp.where(is_held & (key == best_key), ids, num_items), axis=-1,
-                    keepdims=True)
-  before = candidate & ((key > best_key) | ((key == best_key) & (ids < best_id)))
-  best_rank = 1 + jnp.sum(before, axis=-1, dtype=jnp.int32)
   held_items, valid = sparse.padded_rows(held, users, pad=0)
-  held_pos = jnp.take_along_axis(position, held_items, axis=-1)
-  ranks = jnp.where(held_pos <= top, held_pos, jnp.maximum(best_rank, top + 1)[:, None])
-  return ranks, valid
+  held_keys = jnp.take_along_axis(key, held_items, axis=-1)
+
+  def rank_of(slot):
+    k = held_keys[:, slot][:, None]
+    i = held_items[:, slot][:, None]
+    before = candidate & ((key > k) | ((key == k) & (ids < i)))
+    return 1 + jnp.sum(before, axis=-1, dtype=jnp.int32)
+
+  ranks = jax.lax.map(rank_of, jnp.arange(held.max_len)).T
+  return jnp.where(valid, ranks, 0), valid
 
 
 def sample_negatives(key: jax.Array, users: jax.Array, seen: sparse.DeviceCSR,

@@ -1,0 +1,36 @@
+"""Orbax checkpoints, in one place: one directory per training phase, steps are epochs."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class PhaseCheckpoints:
+  """Saves and restores a phase's train state (a pytree) under `<root>/<phase>/<epoch>`."""
+
+  def __init__(self, root: str, phase: str, max_to_keep: int = 2):
+    self.directory = os.path.abspath(os.path.join(root, phase))
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_epoch(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, epoch: int, tree: Any) -> None:
+    self._manager.save(epoch, args=ocp.args.StandardSave(tree), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, like: Any, epoch: Optional[int] = None) -> Any:
+    """Restores the checkpoint at `epoch` (default: latest) into the structure of `like`."""
+    epoch = self.latest_epoch() if epoch is None else epoch
+    if epoch is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,126 @@
+"""BD — Bidirectional Distillation (Kweon, Kang & Yu, WWW'21).
+
+Teacher and student teach each other. Every `refresh_every` epochs both models rank all
+unobserved items (rank 1 = best). Then each training pair (u, i) draws, per direction, items by
+rank discrepancy:
+
+  student learns on  j ~ p_TS(j|u) ∝ tanh(max(eps_t * (rank_S - rank_T), 0))
+                     (items the teacher ranks above the student)
+  teacher learns on  j ~ p_ST(j|u) ∝ exp(eps_e * (rank_T - rank_S))
+                     (items the student ranks above the teacher)
+
+and the learner fits the guide's softened prediction with a summed binary cross-entropy,
+BCE(sg(sigma(z_guide / tau)), sigma(z_learner)), weighted lambda_TS (student) / lambda_ST
+(teacher), on top of its own loss.
+
+The public notebook differs in three ways, each a switch here: `rank_sign='notebook'` (its
+ascending argsort inverts both discrepancies), `mask_positives=False` (training positives can be
+sampled) and `bpr_negative='bd_sample'` (the BD-sampled item doubles as the BPR negative).
+
+Two ways to keep the sampling state, chosen by memory: under `table_budget_mb`, the refresh
+stores per-user cumulative weights for all items (two U x I float32 tables) and a draw is a binary
+search; over it, the state is just the parameter snapshot and each step ranks its batch's users
+from it (memory O(batch x items)).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdrec_jax import ranking, sparse
+from kdrec_jax.methods import Method
+
+
+def discrepancy_weights(rank_t: jax.Array, rank_s: jax.Array, eps_t: float, eps_e: float,
+                        rank_sign: str = "paper") -> tuple[jax.Array, jax.Array]:
+  """(student's weights p_TS, teacher's weights p_ST), unnormalised, 0 where a rank is 0.
+
+  Ranks are 1 = best and 0 for excluded items.
+  """
+  if rank_sign == "paper":
+    d = rank_s - rank_t  # > 0: the teacher ranks the item above the student
+  elif rank_sign == "notebook":
+    d = rank_t - rank_s
+  else:
+    raise ValueError(f"rank_sign must be 'paper' or 'notebook', got {rank_sign!r}")
+  d = d.astype(jnp.float32)
+  keep = (rank_t > 0) & (rank_s > 0)
+  w_student = jnp.where(keep, jnp.tanh(jnp.maximum(eps_t * d, 0.0)), 0.0)
+  w_teacher = jnp.where(keep, jnp.exp(-eps_e * d), 0.0)
+  return w_student, w_teacher
+
+
+def distill_bce(learner_logits: jax.Array, guide_logits: jax.Array, tau: float) -> jax.Array:
+  """Elementwise BCE of sigma(learner) against the stop-gradient soft label sigma(guide / tau)."""
+  target = jax.nn.sigmoid(jax.lax.stop_gradient(guide_logits) / tau)
+  return optax.sigmoid_binary_cross_entropy(learner_logits, target)
+
+
+def table_bytes(num_users: int, num_items: int) -> int:
+  return 2 * 4 * num_users * num_items
+
+
+def make(cfg, models, data) -> Method:
+  """BD for `models` = {'teacher': Model, 'student': Model} on `data` (Interactions)."""
+  num_users, num_items = data.num_users, data.num_items
+  train = sparse.DeviceCSR.from_numpy(*data.split("train"))
+  use_tables = table_bytes(num_users, num_items) <= cfg.table_budget_mb * 2**20
+  chunk = min(cfg.refresh_chunk, num_users)
+
+  def weights_for(snapshot, users):
+    exclude = sparse.row_mask(train, users, num_items) if cfg.mask_positives else None
+    r_t = ranking.ranks(models["teacher"].score_all(snapshot["teacher"], users), exclude)
+    r_s = ranking.ranks(models["student"].score_all(snapshot["student"], users), exclude)
+    return discrepancy_weights(r_t, r_s, cfg.eps_t, cfg.eps_e, cfg.rank_sign)
+
+  def refresh(snapshot):
+    if not use_tables:
+      return {"snapshot": snapshot}
+    n_chunks = -(-num_users // chunk)
+    users = jnp.arange(n_chunks * chunk, dtype=jnp.int32) % num_users
+
+    def one(u):
+      w_s, w_t = weights_for(snapshot, u)
+      return jnp.cumsum(w_s, axis=1), jnp.cumsum(w_t, axis=1)
+
+    cdf_s, cdf_t = jax.lax.map(one, users.reshape(n_chunks, chunk))
+    return {"cdf_student": cdf_s.reshape(-1, num_items)[:num_users],
+            "cdf_teacher": cdf_t.reshape(-1, num_items)[:num_users]}
+
+  def sample(state, users, keys):
+    k_s, k_t = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    n = cfg.num_samples
+    if use_tables:
+      s = ranking.sample_from_cdf(k_s, state["cdf_student"], users, n)
+      t = ranking.sample_from_cdf(k_t, state["cdf_teacher"], users, n)
+    else:
+      w_s, w_t = weights_for(state["snapshot"], users)
+      s = ranking.sample_from_weights(k_s, w_s, n)
+      t = ranking.sample_from_weights(k_t, w_t, n)
+    return {"student": s, "teacher": t}
+
+  def loss(params, users, weight, samples):
+    out, aux = {}, {}
+    for learner, guide, lam in (("student", "teacher", cfg.lambda_ts),
+                                ("teacher", "student", cfg.lambda_st)):
+      items, valid = samples[learner]
+      z_learner = models[learner].score(params[learner], users, items)
+      z_guide = models[guide].score(params[guide], users, items)
+      w = (weight * valid)[:, None]
+      bce = jnp.sum(w * distill_bce(z_learner, z_guide, cfg.tau))
+      out[learner] = lam * bce
+      aux[f"bd_{learner}"] = bce
+      aux[f"valid_{learner}"] = jnp.sum(weight * valid)
+    return out, aux
+
+  def cf_negatives(samples, uniform):
+    """The notebook's BPR negatives: the item BD sampled for the same pair and model."""
+    return {m: jnp.where(samples[m][1], samples[m][0][:, 0], uniform[m])
+            for m in ("teacher", "student")}
+
+  if cfg.bpr_negative not in ("uniform", "bd_sample"):
+    raise ValueError(f"bpr_negative must be 'uniform' or 'bd_sample', got {cfg.bpr_negative!r}")
+  return Method(name="bd", refresh=refresh, refresh_every=cfg.refresh_every, sample=sample,
+                loss=loss,
+                cf_negatives=cf_negatives if cfg.bpr_negative == "bd_sample" else None)

@@ -1,0 +1,139 @@
+"""Ranks, top-k and sampling primitives shared by methods and evaluation.
+
+Conventions: rank 1 is the best (highest score); ties are broken by item id, lower id first,
+exactly as a stable argsort of -score. Excluded items get rank 0.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+
+
+def _descending_key(scores: jax.Array) -> jax.Array:
+  """int32 key whose ascending order is the descending order of float32 `scores`."""
+  bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
+  ascending = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+  return ~ascending
+
+
+def descending_order(scores: jax.Array) -> jax.Array:
+  """Item ids of each row ordered best first, ties by lower id: int32 [..., N].
+
+  With 64-bit types enabled (see `x64`), this sorts one packed int64 key (score key in the high
+  word, item id in the low word), which XLA's CPU sort runs about 5x faster than a two-operand
+  stable sort; otherwise it falls back to that stable sort. Both give identical results.
+  """
+  n = scores.shape[-1]
+  key = _descending_key(scores)
+  if jax.config.jax_enable_x64:
+    ids = jnp.arange(n, dtype=jnp.int64)
+    packed = (key.astype(jnp.int64) << 32) | ids
+    return (jnp.sort(packed, axis=-1) & 0xFFFFFFFF).astype(jnp.int32)
+  ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), scores.shape)
+  _, order = jax.lax.sort((key, ids), dimension=scores.ndim - 1, num_keys=1, is_stable=True)
+  return order
+
+
+def ranks(scores: jax.Array, exclude: jax.Array | None = None) -> jax.Array:
+  """Rank (1 = best) of every item in each row of `scores` [C, N]; int32, 0 where `exclude`.
+
+  Excluded items are ranked after all others, so the remaining items get ranks 1..N-|excluded|.
+  """
+  if exclude is not None:
+    scores = jnp.where(exclude, -jnp.inf, scores)
+  order = descending_order(scores)
+  c, n = scores.shape
+  rows = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[:, None], (c, n))
+  positions = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (c, n))
+  out = jnp.zeros((c, n), jnp.int32).at[rows, order].set(positions)
+  if exclude is not None:
+    out = jnp.where(exclude, 0, out)
+  return out
+
+
+@contextlib.contextmanager
+def x64():
+  """Traces inside with 64-bit types on (for the packed-key sort); a no-op if unsupported."""
+  enable = getattr(jax, "enable_x64", None)
+  if enable is None:
+    yield
+  else:
+    with enable(True):
+      yield
+
+
+def searchsorted_rows(cdf: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+  """For each query, the smallest column j with cdf[row, j] > value (binary search).
+
+  cdf [R, N] non-decreasing along rows; rows and values have the same shape; returns int32 in
+  [0, N-1] (N-1 when value >= the row total, which callers avoid).
+  """
+  n = cdf.shape[-1]
+  lo = jnp.zeros_like(values, dtype=jnp.int32)  # *_like keeps shard_map's varying-axis type
+  hi = lo + (n - 1)
+  steps = max(int(n - 1).bit_length(), 1)
+
+  def body(_, lohi):
+    lo, hi = lohi
+    mid = (lo + hi) // 2
+    right = cdf[rows, mid] <= values
+    return jnp.where(right, mid + 1, lo), jnp.where(right, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, steps, body, (lo, hi))
+  return lo
+
+
+def _per_row(keys: jax.Array, fn, *args):
+  return jax.vmap(fn)(keys, *args)
+
+
+def sample_from_cdf(keys: jax.Array, cdf: jax.Array, rows: jax.Array, n: int = 1) -> tuple:
+  """Draws n items per query with replacement, item j with probability ∝ cdf[r,j] - cdf[r,j-1].
+
+  keys: one PRNG key per query [B]; rows [B] index `cdf` [R, N]. Returns (items int32 [B, n],
+  valid bool [B]); valid is False for rows whose weights are all zero (nothing to sample), and
+  their items are 0.
+  """
+  total = cdf[rows, -1]
+  u = jax.vmap(lambda k: jax.random.uniform(k, (n,), cdf.dtype))(keys)
+  rows_b = jnp.broadcast_to(rows[:, None], u.shape)
+  # u * total < total, so the search never lands on the trailing zero-weight items.
+  items = searchsorted_rows(cdf, rows_b, u * total[:, None])
+  valid = total > 0
+  return jnp.where(valid[:, None], items, 0), valid
+
+
+def sample_from_weights(keys: jax.Array, weights: jax.Array, n: int = 1) -> tuple:
+  """n categorical draws with replacement per row of unnormalised non-negative `weights` [B, N].
+
+  keys: one PRNG key per row. Returns (items int32 [B, n], valid bool [B]) as `sample_from_cdf`.
+  """
+  positive = weights > 0
+  logits = jnp.where(positive, jnp.log(jnp.where(positive, weights, 1.0)), -jnp.inf)
+  valid = jnp.any(positive, axis=-1)
+  safe = jnp.where(valid[:, None], logits, 0.0)
+  items = jax.vmap(lambda k, l: jax.random.categorical(k, l, shape=(n,)))(keys, safe)
+  return jnp.where(valid[:, None], items, 0).astype(jnp.int32), valid
+
+
+def uniform_negatives(keys: jax.Array, users: jax.Array, positives, num_items: int,
+                      tries: int = 8) -> jax.Array:
+  """One item per user drawn uniformly from the items not in its row of `positives` (DeviceCSR).
+
+  Rejection sampling with `tries` candidates per user; the first candidate that is not a positive
+  is taken (the last one if all are, which needs a user with nearly every item).
+  """
+  from kdrec_jax import sparse  # local import: sparse imports nothing from here
+  cand = jax.vmap(lambda k: jax.random.randint(k, (tries,), 0, num_items, jnp.int32))(keys)
+  bad = sparse.contains(positives, users[:, None], cand)
+  first = jnp.argmin(bad, axis=1)  # first False; 0 if all True
+  first = jnp.where(jnp.all(bad, axis=1), tries - 1, first)
+  return jnp.take_along_axis(cand, first[:, None], axis=1)[:, 0]
+
+
+def gumbel_top_k(key: jax.Array, log_weights: jax.Array, k: int) -> jax.Array:
+  """k items per row without replacement, with probability of successive draws ∝ exp(log_w)."""
+  g = jax.random.gumbel(key, log_weights.shape, log_weights.dtype)
+  return jax.lax.top_k(log_weights + g, k)[1]

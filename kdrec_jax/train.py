@@ -1,0 +1,363 @@
+"""The one train step where teacher and student meet, the epoch around it, and the run schedule.
+
+`make_train_step` returns per-device code with pmap semantics (local batch, local sampling,
+`lax.pmean` of gradients); `shard` wraps it as `jax.jit(jax.shard_map(...))` over a 1-D `data`
+mesh with the state donated, which is what `jax.pmap` lowers to in current JAX. An epoch is one
+jitted `lax.scan` over steps. Warm-up, distillation and the keep-training control are the same
+step with different static switches (which models learn, whether the method's loss is on).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from kdrec_jax import ranking, sparse
+
+MODELS = ("teacher", "student")
+AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """Static switches of one training phase."""
+  name: str
+  train: tuple[str, ...]  # which models learn ('teacher', 'student')
+  distill: bool           # whether the method's loss (and sampler) is on
+
+
+def make_optimizer(opt_cfg) -> optax.GradientTransformation:
+  """Adam with coupled L2 weight decay (decay added to the gradient, as torch's Adam does)."""
+  adam = optax.adam(opt_cfg.lr)
+  if opt_cfg.weight_decay:
+    return optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay), adam)
+  return adam
+
+
+def init_state(key, models, optimizers) -> dict:
+  """The train state: both models' params and optimizer states, the step, and method slots."""
+  state = {"step": jnp.zeros((), jnp.int32), "snapshot": {}, "method": {}}
+  for name, k in zip(MODELS, jax.random.split(key)):
+    params = models[name].init(k)
+    state[name] = {"params": params, "opt": optimizers[name].init(params)}
+  return state
+
+
+def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.DeviceCSR,
+                    num_items: int):
+  """Per-device `train_step(state, batch, key) -> (state, metrics)`.
+
+  batch: {'user', 'pos', 'index' (int32 [B], position in the epoch, for per-example keys),
+  'weight' (float32 [B], 0 for padding)}. Losses are sums over the global batch.
+  """
+
+  def train_step(state, batch, key):
+    key = jax.random.fold_in(key, state["step"])
+    users, pos, weight = batch["user"], batch["pos"], batch["weight"]
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["index"])
+    k_neg_t, k_neg_s, k_method = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys),
+                                              1, 0)
+    negs = {"teacher": ranking.uniform_negatives(k_neg_t, users, train_csr, num_items),
+            "student": ranking.uniform_negatives(k_neg_s, users, train_csr, num_items)}
+    samples = method.sample(state["method"], users, k_method) if phase.distill else None
+    if phase.distill and method.cf_negatives is not None:
+      negs = method.cf_negatives(samples, negs)
+    # Per-device sums scaled by the device count: their pmean is the global-batch sum.
+    scale = jax.lax.axis_size(AXIS)
+
+    def loss_fn(params):
+      losses, aux = {}, {}
+      for m in MODELS:
+        losses[m] = models[m].cf_loss(params[m], users, pos, negs[m], weight)
+        aux[f"cf_{m}"] = losses[m]
+      if phase.distill:
+        kd, kd_aux = method.loss(params, users, weight, samples)
+        aux.update(kd_aux)
+        for m in MODELS:
+          losses[m] = losses[m] + kd[m]
+      total = sum(losses[m] for m in phase.train)
+      aux.update({f"loss_{m}": losses[m] for m in MODELS})
+      return scale * total, aux
+
+    params = {m: state[m]["params"] if m in phase.train
+              else jax.lax.stop_gradient(state[m]["params"]) for m in MODELS}
+    grads, aux = jax.grad(loss_fn, has_aux=True)(params)
+    new_state = dict(state, step=state["step"] + 1)
+    # pmean across devices (skipped on one device, where XLA would still copy the tables).
+    reduce = (lambda f, x: f(x, AXIS)) if scale > 1 else (lambda f, x: x)
+    for m in phase.train:
+      g = reduce(jax.lax.pmean, grads[m])
+      updates, opt = optimizers[m].update(g, state[m]["opt"], state[m]["params"])
+      new_state[m] = {"params": optax.apply_updates(state[m]["params"], updates), "opt": opt}
+    metrics = reduce(jax.lax.psum, dict(aux, examples=jnp.sum(weight)))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  devices = jax.devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices")
+    devices = devices[:num_devices]
+  return jax.sharding.Mesh(np.array(devices), (AXIS,))
+
+
+def shard(train_step, mesh):
+  """The per-device step as one data-parallel program (pmap semantics)."""
+  return jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+                       out_specs=(P(), P()), check_vma=False)
+
+
+def p_train_step(train_step, mesh):
+  """`jax.jit(jax.shard_map(train_step))` with the state donated: one step on all devices."""
+  return jax.jit(shard(train_step, mesh), donate_argnums=0)
+
+
+def make_epoch(train_step, mesh, num_train: int, batch_size: int):
+  """`epoch(state, users, items, key) -> (state, metrics)`: a shuffled pass over all training
+  pairs as one jitted `lax.scan` of the sharded step. The last batch is padded (weight 0)."""
+  n_dev = mesh.devices.size
+  if batch_size % n_dev:
+    raise ValueError(f"batch_size {batch_size} is not divisible by {n_dev} devices")
+  steps = -(-num_train // batch_size)
+
+  def scan_steps(state, batches, key):  # per device: this device's slice of every batch
+    def body(state, xs):
+      batch, t = xs
+      return train_step(state, batch, jax.random.fold_in(key, t))
+    return jax.lax.scan(body, state, (batches, jnp.arange(steps)))
+
+  sharded_scan = jax.shard_map(scan_steps, mesh=mesh, in_specs=(P(), P(None, AXIS), P()),
+                               out_specs=(P(), P()), check_vma=False)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def epoch(state, users, items, key):
+    k_perm, k_steps = jax.random.split(key)
+    perm = jax.random.permutation(k_perm, num_train)
+    pad = steps * batch_size - num_train
+    idx = jnp.concatenate([perm, jnp.zeros(pad, perm.dtype)]).astype(jnp.int32)
+    batches = {
+        "user": users[idx].reshape(steps, batch_size),
+        "pos": items[idx].reshape(steps, batch_size),
+        "index": jnp.arange(steps * batch_size, dtype=jnp.int32).reshape(steps, batch_size),
+        "weight": (jnp.arange(steps * batch_size) < num_train).astype(jnp.float32
+                                                                      ).reshape(steps, batch_size),
+    }
+    state, metrics = sharded_scan(state, batches, k_steps)
+    return state, jax.tree.map(jnp.sum, metrics)
+
+  return epoch, steps
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: warm-up, then distillation and the keep-training control, each resumable.
+# ----------------------------------------------------------------------------------------------
+
+def _jsonable(tree):
+  def leaf(x):
+    if isinstance(x, (str, bool, int, float)) or x is None:
+      return x
+    return float(x) if np.ndim(x) == 0 else np.asarray(x).tolist()
+  return jax.tree.map(leaf, tree)
+
+
+class MetricWriter:
+  """Appends one JSON object per line to `<workdir>/metrics.jsonl` (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = jax.process_index() == 0
+
+  def write(self, **record) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(_jsonable(record)) + "\n")
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def phases_for(config) -> list[tuple[Phase, Any]]:
+  """The schedule: (phase, its config section) in order."""
+  out = [(Phase("warmup", MODELS, False), config.warmup)]
+  if config.distill.epochs:
+    out.append((Phase("distill", MODELS, True), config.distill))
+    if config.control:
+      out.append((Phase("control", MODELS, False), config.distill))
+  return out
+
+
+class Experiment:
+  """Everything a run needs that does not change between phases: data, models, method, mesh,
+  evaluators and the device copies of the training pairs."""
+
+  def __init__(self, config):
+    from kdrec_jax import data as kdata
+    from kdrec_jax import methods as kmethods
+    from kdrec_jax import metrics as kmetrics
+    from kdrec_jax import models as kmodels
+    self.config = config
+    self.data = kdata.load(config.data)
+    d = self.data
+    self.models = {m: kmodels.make(config[m], d.num_users, d.num_items) for m in MODELS}
+    self.method = kmethods.make(config.method, self.models, d)
+    self.mesh = make_mesh(config.num_devices)
+    self.train_csr = sparse.DeviceCSR.from_numpy(*d.split("train"))
+    users, items = d.train_pairs()
+    self.users, self.items = jnp.asarray(users), jnp.asarray(items)
+    ev = config.eval
+    self.evaluators = {
+        split: kmetrics.Evaluator(d, split=split, ks=tuple(ev.ks), chunk_size=ev.chunk_size,
+                                  protocol=ev.protocol, num_negatives=ev.num_negatives)
+        for split in ("val", "test")}
+    self.key = jax.random.key(config.seed)
+    self._refresh = jax.jit(self.method.refresh)
+
+  def evaluate(self, state, splits=("val", "test")) -> dict:
+    key = jax.random.fold_in(self.key, 7)  # the sampled protocol's negatives: fixed per run
+    return {m: {s: self.evaluators[s](self.models[m].score_all, state[m]["params"], key)
+                for s in splits} for m in MODELS}
+
+  def refresh(self, snapshot):
+    with ranking.x64():
+      return self._refresh(snapshot)
+
+  def optimizers(self, phase_cfg):
+    return {m: make_optimizer(phase_cfg[m]) for m in MODELS}
+
+
+def _snapshot(state):
+  """Copies of both models' params (copies: the step donates the live ones)."""
+  return {m: jax.tree.map(jnp.copy, state[m]["params"]) for m in MODELS}
+
+
+def _saved(state):
+  """The part of the state a checkpoint holds (the method's tables are rebuilt from 'snapshot')."""
+  return {k: v for k, v in state.items() if k != "method" and not (k == "snapshot" and not v)}
+
+
+def _load_teacher(exp: Experiment, state, path: str):
+  from kdrec_jax.checkpoint import PhaseCheckpoints
+  ckpt = PhaseCheckpoints(os.path.join(path, "checkpoints"), "warmup")
+  if ckpt.latest_epoch() is None:
+    raise FileNotFoundError(f"teacher_checkpoint: no warm-up checkpoint under {path}/checkpoints")
+  like = {"teacher": state["teacher"], "student": state["student"], "step": state["step"]}
+  restored = ckpt.restore(like)
+  logging.info("Loaded the teacher from %s (warm-up epoch %d).", ckpt.directory,
+               ckpt.latest_epoch())
+  return restored["teacher"]["params"]
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs the whole schedule in `workdir`, resuming from its checkpoints; returns the results.
+
+  Results (also written to `<workdir>/results.json`): for each finished phase ('warmup',
+  'distill', 'control'), each model's validation and test metrics at the phase's end.
+  """
+  from kdrec_jax.checkpoint import PhaseCheckpoints
+  os.makedirs(workdir, exist_ok=True)
+  exp = Experiment(config)
+  writer = MetricWriter(workdir)
+  results_path = os.path.join(workdir, "results.json")
+  results = {"dataset": repr(exp.data), "config": config.to_dict(), "phases": {}}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      results["phases"] = json.load(f).get("phases", {})
+  logging.info("%s; %d device(s); method %s", exp.data, exp.mesh.devices.size, exp.method.name)
+  budget = config.get("max_epochs_per_run", 0) or None  # for time-limited sessions
+  warm_ckpt = PhaseCheckpoints(os.path.join(workdir, "checkpoints"), "warmup")
+
+  for phase_index, (phase, pcfg) in enumerate(phases_for(config)):
+    if phase.name in results["phases"]:
+      continue
+    train_models = phase.train
+    opts = exp.optimizers(pcfg)
+    ckpt = PhaseCheckpoints(os.path.join(workdir, "checkpoints"), phase.name,
+                            max_to_keep=config.checkpoint_keep)
+    state = init_state(exp.key, exp.models, opts)
+    if phase.name == "warmup" and config.teacher_checkpoint:
+      params = _load_teacher(exp, state, config.teacher_checkpoint)
+      state["teacher"] = {"params": params, "opt": opts["teacher"].init(params)}
+      train_models = ("student",)
+    elif phase.name != "warmup":  # start from the end of warm-up, with fresh optimizers
+      like = _saved(init_state(exp.key, exp.models, exp.optimizers(config.warmup)))
+      start = warm_ckpt.restore(like, epoch=config.warmup.epochs)
+      for m in MODELS:
+        p = start[m]["params"]
+        state[m] = {"params": p, "opt": opts[m].init(p)}
+    if phase.distill:
+      state["snapshot"] = _snapshot(state)
+    epoch = 0
+    if ckpt.latest_epoch() is not None:
+      epoch = ckpt.latest_epoch()
+      state.update(ckpt.restore(_saved(state)))
+      logging.info("[%s] resumed at epoch %d from %s", phase.name, epoch, ckpt.directory)
+    every = exp.method.refresh_every
+    refresh_due = lambda e: e % every == 0 if every else e == 0  # noqa: E731
+    if phase.distill and epoch < pcfg.epochs and not refresh_due(epoch):
+      state["method"] = exp.refresh(state["snapshot"])  # mid-period resume: same tables as before
+    phase = dataclasses.replace(phase, train=train_models)
+    step_fn = make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
+                              exp.data.num_items)
+    run_epoch, steps = make_epoch(step_fn, exp.mesh, exp.data.num_train, config.batch_size)
+    phase_key = jax.random.fold_in(exp.key, phase_index)
+    t_phase = time.time()
+    while epoch < pcfg.epochs:
+      if budget is not None and budget <= 0:
+        ckpt.save(epoch, _saved(state))
+        logging.info("Stopping after max_epochs_per_run; rerun the command to resume.")
+        _write_json_atomic(results_path, results)
+        return results
+      if phase.distill and refresh_due(epoch):
+        state["snapshot"] = _snapshot(state)
+        state["method"] = exp.refresh(state["snapshot"])
+      t0 = time.time()
+      state, metrics = run_epoch(state, exp.users, exp.items, jax.random.fold_in(phase_key, epoch))
+      epoch += 1
+      budget = None if budget is None else budget - 1
+      if epoch % config.log_every == 0 or epoch == pcfg.epochs:
+        metrics = jax.device_get(metrics)
+        dt = time.time() - t0
+        n = float(metrics["examples"])
+        writer.write(phase=phase.name, epoch=epoch, seconds=dt, examples_per_s=n / dt,
+                     **{k: float(v) / n for k, v in metrics.items() if k != "examples"})
+        logging.info("[%s] epoch %d/%d  loss T %.4f S %.4f  %.0f ex/s", phase.name, epoch,
+                     pcfg.epochs, metrics["loss_teacher"] / n, metrics["loss_student"] / n,
+                     n / dt)
+      if config.eval_every and epoch % config.eval_every == 0 and epoch < pcfg.epochs:
+        val = exp.evaluate(state, splits=("val",))
+        writer.write(phase=phase.name, epoch=epoch, eval=val)
+        logging.info("[%s] epoch %d val %s", phase.name, epoch, _summary(val, "val"))
+      if epoch % config.checkpoint_every == 0 or epoch == pcfg.epochs:
+        ckpt.save(epoch, _saved(state))
+    if pcfg.epochs == 0:
+      ckpt.save(0, _saved(state))
+    evals = exp.evaluate(state)
+    evals["seconds"] = time.time() - t_phase
+    results["phases"][phase.name] = evals
+    writer.write(phase=phase.name, epoch=epoch, final=True, eval=evals)
+    logging.info("[%s] done: test %s", phase.name, _summary(evals, "test"))
+    _write_json_atomic(results_path, results)
+  return results
+
+
+def _summary(evals, split, keys=("HR@50", "NDCG@50")) -> str:
+  return "  ".join(f"{m[0].upper()} " + " ".join(f"{k} {evals[m][split][k]:.4f}" for k in keys
+                                                   if k in evals[m][split]) for m in MODELS)
