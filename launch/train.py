@@ -6,6 +6,7 @@ r"""Trains a teacher and a student and distils between them, as the config says.
 Writes <workdir>/metrics.jsonl, <workdir>/results.json and orbax checkpoints; rerunning the same
 command resumes. A Colab cell can call `kdrec_jax.train.train_and_evaluate(config, workdir)`.
 """
+import logging as logging_std
 import sys
 
 from absl import app
@@ -22,8 +23,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, results and chec
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _DropLibraryInfo(logging_std.Filter):
+  """Keeps third-party INFO chatter (orbax's per-save lines) out of the progress log."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "site-packages" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.set_stderrthreshold("info")
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (DataError, FileNotFoundError) as e:

@@ -1,0 +1,91 @@
+r"""Times the pieces of the BD schedule on CiteULike at the reference sizes (T 50 / S 5, batch 128).
+
+  python -m benchmarks.bench_bd [--config configs/bd_bpr_citeulike.py] [--repeats 5] \
+      [--out benchmarks/results/cpu.json]
+
+Rows: one warm-up epoch (teacher and student together, as the schedule runs them), one BD epoch,
+one rank refresh of both models (ranks of all unobserved items + sampling tables), one
+full-ranking evaluation of all users (test split, one model). Each is the median of `repeats`
+timed calls after one untimed call (compilation). Prints JSON with hardware and date.
+"""
+import datetime
+import json
+import platform
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from kdrec_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bd_bpr_citeulike.py",
+                                          "Config file.", lock_config=False)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions per row.")
+_OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
+
+
+def _median_time(fn, repeats):
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  exp = train.Experiment(cfg)
+  rows = {}
+  for name, pcfg, phase in (("warmup_epoch", cfg.warmup, train.Phase("warmup", train.MODELS, False)),
+                            ("bd_epoch", cfg.distill, train.Phase("distill", train.MODELS, True))):
+    opts = exp.optimizers(pcfg)
+    holder = {"state": train.init_state(exp.key, exp.models, opts)}
+    if phase.distill:
+      holder["state"]["snapshot"] = train._snapshot(holder["state"])
+      holder["state"]["method"] = exp.refresh(holder["state"]["snapshot"])
+    step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
+                                 exp.data.num_items)
+    epoch, steps = train.make_epoch(step, exp.mesh, exp.data.num_train, cfg.batch_size)
+    counter = iter(range(10**6))
+
+    def run():
+      holder["state"], m = epoch(holder["state"], exp.users, exp.items,
+                                 jax.random.key(next(counter)))
+      return holder["state"]["step"], m
+
+    rows[name] = _median_time(run, _REPEATS.value)
+    rows["steps_per_epoch"] = steps
+    if phase.distill:
+      state = holder["state"]
+      rows["rank_refresh_both_models"] = _median_time(
+          lambda: exp.refresh(train._snapshot(state)), _REPEATS.value)
+      ev = exp.evaluators["test"]
+      rows["full_eval_teacher_all_users"] = _median_time(
+          lambda: ev(exp.models["teacher"].score_all, state["teacher"]["params"]), _REPEATS.value)
+      rows["full_eval_student_all_users"] = _median_time(
+          lambda: ev(exp.models["student"].score_all, state["student"]["params"]), _REPEATS.value)
+  w, b, r = rows["warmup_epoch"], rows["bd_epoch"], rows["rank_refresh_both_models"]
+  n_refresh = -(-cfg.distill.epochs // max(cfg.method.refresh_every, 1))
+  rows["schedule_estimate_s"] = (cfg.warmup.epochs * w + cfg.distill.epochs * b + n_refresh * r)
+  report = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "jax": jax.__version__, "backend": jax.default_backend(),
+      "devices": [d.device_kind for d in jax.devices()],
+      "host": platform.processor() or platform.machine(), "repeats": _REPEATS.value,
+      "data": repr(exp.data), "seconds": rows,
+  }
+  text = json.dumps(report, indent=2)
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
