@@ -1,0 +1,350 @@
+"""Tests for kdrec_jax.train: data-parallel equivalence, the pmap form, frozen models, the launcher
+end to end, resuming, and loading a teacher. Uses the 4 fake CPU devices set up in conftest.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import logging
+
+from conftest import REPO_ROOT
+from kdrec_jax import train
+from kdrec_jax.checkpoint import PhaseCheckpoints
+
+MODELS = train.MODELS
+PHASES = ("warmup", "distill", "control")
+
+needs_4_devices = pytest.mark.skipif(len(jax.devices()) < 4,
+                                     reason="needs 4 (fake) devices; see conftest.py")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+  old = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  yield
+  logging.set_verbosity(old)
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _np(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+@pytest.fixture(scope="module")
+def distill_setup(citeulike_file):
+  """An Experiment, the distill phase's step and a start state with the method's tables."""
+  from conftest import quick_config
+  cfg = quick_config(citeulike_file, num_devices=1)
+  exp = train.Experiment(cfg)
+  opts = exp.optimizers(cfg.distill)
+  state = train.init_state(exp.key, exp.models, opts)
+  state["snapshot"] = train._snapshot(state)
+  state["method"] = exp.refresh(state["snapshot"])
+  phase = train.Phase("distill", MODELS, True)
+  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
+                               exp.data.num_items)
+  return cfg, exp, opts, state, step
+
+
+def _assert_params_close(a, b, rtol=1e-5, atol=1e-6):
+  for m in MODELS:
+    for k in ("user", "item"):
+      np.testing.assert_allclose(np.asarray(a[m]["params"][k]), np.asarray(b[m]["params"][k]),
+                                 rtol=rtol, atol=atol, err_msg=f"{m}.{k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# data parallelism
+# ---------------------------------------------------------------------------------------------
+
+@needs_4_devices
+def test_distill_epoch_4_devices_matches_1(distill_setup):
+  cfg, exp, _, state0, step = distill_setup
+  key = jax.random.key(123)
+  out = {}
+  for n in (4, 1):
+    epoch, steps = train.make_epoch(step, train.make_mesh(n), exp.data.num_train, cfg.batch_size)
+    assert steps == -(-exp.data.num_train // cfg.batch_size)
+    out[n] = _np(epoch(_copy(state0), exp.users, exp.items, key))
+  (s4, m4), (s1, m1) = out[4], out[1]
+  _assert_params_close(s4, s1)
+  assert int(s4["step"]) == int(s1["step"]) == steps
+  assert set(m4) == set(m1)
+  for k in m1:
+    np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-5, err_msg=k)
+  # Every training pair seen once (padding has weight 0); BD draws are valid for every pair.
+  assert float(m1["examples"]) == exp.data.num_train
+  assert float(m1["valid_student"]) == float(m1["valid_teacher"]) == exp.data.num_train
+  # loss = own BPR loss + lambda * BD term, for both models.
+  np.testing.assert_allclose(float(m1["loss_student"]),
+                             float(m1["cf_student"]) + cfg.method.lambda_ts * float(
+                                 m1["bd_student"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m1["loss_teacher"]),
+                             float(m1["cf_teacher"]) + cfg.method.lambda_st * float(
+                                 m1["bd_teacher"]), rtol=1e-5)
+  # Training moved the params.
+  assert np.abs(s1["student"]["params"]["item"]
+                - np.asarray(state0["student"]["params"]["item"])).max() > 1e-3
+
+
+def _batch(exp, size=32, offset=5):
+  idx = np.arange(offset, offset + size)
+  weight = np.ones(size, np.float32)
+  weight[-3:] = 0.0  # padding
+  return {"user": exp.users[idx], "pos": exp.items[idx],
+          "index": jnp.arange(size, dtype=jnp.int32), "weight": jnp.asarray(weight)}
+
+
+@needs_4_devices
+def test_single_step_4_devices_matches_1(distill_setup):
+  cfg, exp, _, state0, step = distill_setup
+  batch, key = _batch(exp), jax.random.key(7)
+  out = {n: _np(train.p_train_step(step, train.make_mesh(n))(_copy(state0), batch, key))
+         for n in (4, 1)}
+  (s4, m4), (s1, m1) = out[4], out[1]
+  _assert_params_close(s4, s1)
+  for k in m1:
+    np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-5, err_msg=k)
+  assert float(m1["examples"]) == 29.0
+  assert int(s1["step"]) == int(np.asarray(state0["step"])) + 1
+  # First Adam step with no weight decay: rows with a gradient move by ~lr (|m/sqrt(v)| = 1),
+  # users outside the batch do not move at all.
+  lr = cfg.distill.student.lr
+  in_batch = np.zeros(exp.data.num_users, bool)
+  in_batch[np.asarray(batch["user"])[np.asarray(batch["weight"]) > 0]] = True
+  for m in MODELS:
+    delta = np.abs(s1[m]["params"]["user"] - np.asarray(state0[m]["params"]["user"]))
+    assert np.all(delta[~in_batch] == 0), m
+    assert np.all(delta[in_batch] > 0.5 * lr) and np.all(delta <= lr * 1.001), m
+
+
+@needs_4_devices
+def test_pmap_form_matches_shard_map(distill_setup):
+  _, exp, _, state0, step = distill_setup
+  batch, key = _batch(exp), jax.random.key(7)
+  try:
+    pstep = jax.pmap(step, axis_name=train.AXIS, in_axes=(None, 0, None),
+                     out_axes=(None, None))
+    split = jax.tree.map(lambda x: x.reshape(4, -1), batch)
+    s_p, m_p = _np(pstep(_copy(state0), split, key))
+  except (NotImplementedError, AttributeError) as e:  # pragma: no cover
+    pytest.skip(f"jax.pmap unusable in jax {jax.__version__}: {e}")
+  s_s, m_s = _np(train.p_train_step(step, train.make_mesh(4))(_copy(state0), batch, key))
+  _assert_params_close(s_p, s_s, rtol=1e-6, atol=1e-7)
+  for k in m_s:
+    np.testing.assert_allclose(float(m_p[k]), float(m_s[k]), rtol=1e-6, err_msg=k)
+
+
+@needs_4_devices
+def test_frozen_teacher_in_warmup_is_bit_identical(distill_setup):
+  cfg, exp, _, _, _ = distill_setup
+  opts = exp.optimizers(cfg.warmup)
+  state0 = train.init_state(jax.random.key(5), exp.models, opts)
+  before = _np(state0)
+  phase = train.Phase("warmup", ("student",), False)
+  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
+                               exp.data.num_items)
+  epoch, _ = train.make_epoch(step, train.make_mesh(4), exp.data.num_train, cfg.batch_size)
+  after, metrics = _np(epoch(_copy(state0), exp.users, exp.items, jax.random.key(9)))
+  for k in ("user", "item"):
+    np.testing.assert_array_equal(after["teacher"]["params"][k], before["teacher"]["params"][k])
+    assert np.abs(after["student"]["params"][k] - before["student"]["params"][k]).max() > 1e-3
+  for a, b in zip(jax.tree.leaves(after["teacher"]["opt"]),
+                  jax.tree.leaves(before["teacher"]["opt"])):
+    np.testing.assert_array_equal(a, b)
+  assert float(metrics["examples"]) == exp.data.num_train
+  assert "bd_student" not in metrics  # no distillation in warm-up
+
+
+# ---------------------------------------------------------------------------------------------
+# the launcher
+# ---------------------------------------------------------------------------------------------
+
+def _launch(workdir, *flags):
+  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/bd_bpr_citeulike.py:quick",
+         "--workdir", str(workdir), *flags]
+  return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+                        env=dict(os.environ))
+
+
+QUICK_FLAGS = ("--config.warmup.epochs=2", "--config.distill.epochs=2",
+               "--config.method.refresh_every=1", "--config.batch_size=32",
+               "--config.eval.ks=(5,10)", "--config.eval.chunk_size=64",
+               "--config.log_every=1", "--config.checkpoint_every=1", "--config.eval_every=1",
+               # 1 device: multi-device runs fail after warm-up (see the xfail test below)
+               "--config.num_devices=1")
+
+
+def test_launcher_end_to_end(tmp_path, citeulike_file):
+  workdir = tmp_path / "run"
+  proc = _launch(workdir, f"--config.data.path={citeulike_file}", *QUICK_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert set(results["phases"]) == set(PHASES)
+  assert "120 users x 150 items" in results["dataset"]
+  for phase in PHASES:
+    for m in MODELS:
+      for split in ("val", "test"):
+        metrics = results["phases"][phase][m][split]
+        assert {"HR@5", "HR@10", "NDCG@5", "NDCG@10"} <= set(metrics)
+        for name, v in metrics.items():
+          assert 0.0 <= v <= 1.0, (phase, m, split, name, v)
+        assert metrics["HR@5"] <= metrics["HR@10"]
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert records
+  for r in records:
+    assert r["phase"] in PHASES and isinstance(r["epoch"], int)
+  train_logs = {(r["phase"], r["epoch"]) for r in records if "loss_teacher" in r}
+  assert train_logs == {(p, e) for p in PHASES for e in (1, 2)}
+  assert {r["phase"] for r in records if r.get("final")} == set(PHASES)
+  evals = [r for r in records if "eval" in r and not r.get("final")]  # eval_every=1, epoch 1
+  assert {(r["phase"], r["epoch"]) for r in evals} == {(p, 1) for p in PHASES}
+  assert all(0 <= r["eval"]["student"]["val"]["HR@10"] <= 1 for r in evals)
+  distill = [r for r in records if r["phase"] == "distill" and "bd_student" in r]
+  assert len(distill) == 2 and all(r["valid_student"] == 1.0 for r in distill)
+  for phase in PHASES:
+    assert PhaseCheckpoints(str(workdir / "checkpoints"), phase).latest_epoch() == 2
+
+
+def test_launcher_bad_input(tmp_path):
+  bad = tmp_path / "bad_users.dat"
+  bad.write_text("5 1 2 3 4 5\n3 1 2\n")
+  proc = _launch(tmp_path / "run", f"--config.data.path={bad}")
+  assert proc.returncode != 0
+  assert f"{bad}:2" in proc.stderr, proc.stderr[-2000:]
+  assert "count 3 does not match 2" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming and the teacher checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def _resume_config(citeulike_file, **kw):
+  from conftest import quick_config
+  # checkpoint_every=100: only phase ends and budget stops save (see the xfail test below).
+  settings = dict(num_devices=1, distill__epochs=4, method__refresh_every=3,
+                  checkpoint_every=100)
+  settings.update(kw)
+  return quick_config(citeulike_file, **settings)
+
+
+def _metrics_only(results):
+  return {p: {m: results["phases"][p][m] for m in MODELS} for p in results["phases"]}
+
+
+def _restore_distill(cfg, workdir):
+  exp = train.Experiment(cfg)
+  state = train.init_state(exp.key, exp.models, exp.optimizers(cfg.distill))
+  state["snapshot"] = train._snapshot(state)
+  ckpt = PhaseCheckpoints(os.path.join(workdir, "checkpoints"), "distill")
+  assert ckpt.latest_epoch() == cfg.distill.epochs
+  return _np(ckpt.restore(train._saved(state)))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(citeulike_file, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run_a"))
+  cfg = _resume_config(citeulike_file)
+  logging.set_verbosity(logging.WARNING)
+  return cfg, workdir, train.train_and_evaluate(cfg, workdir)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(uninterrupted_run, citeulike_file,
+                                                       tmp_path):
+  cfg_a, workdir_a, results_a = uninterrupted_run
+  assert set(results_a["phases"]) == set(PHASES)
+  cfg_b = _resume_config(citeulike_file, max_epochs_per_run=3)
+  workdir_b = str(tmp_path / "run_b")
+  calls, seen = 0, []
+  while True:
+    results_b = train.train_and_evaluate(cfg_b, workdir_b)
+    calls += 1
+    seen.append(sorted(results_b["phases"]))
+    if set(results_b["phases"]) == set(PHASES) or calls >= 10:
+      break
+  # 2 warm-up + 4 distill + 4 control epochs, 3 per call: the first call stops after distill
+  # epoch 1 (mid refresh period: refreshes at 0 and 3), the second resumes there.
+  assert seen[0] == ["warmup"] and calls == 4, seen
+  with open(os.path.join(workdir_b, "results.json")) as f:
+    on_disk = json.load(f)
+  got, want = _metrics_only(on_disk), _metrics_only(results_a)
+  assert set(got) == set(want)
+  for p in want:
+    for m in MODELS:
+      for split in ("val", "test"):
+        for name, v in want[p][m][split].items():
+          assert got[p][m][split][name] == pytest.approx(v, abs=1e-6), (p, m, split, name)
+  a = _restore_distill(cfg_a, workdir_a)
+  b = _restore_distill(cfg_b, workdir_b)
+  _assert_params_close(a, b, rtol=1e-6, atol=1e-7)
+  for m in MODELS:  # the last refresh's snapshot (distill epoch 3) too
+    for k in ("user", "item"):
+      np.testing.assert_allclose(a["snapshot"][m][k], b["snapshot"][m][k], rtol=1e-6, atol=1e-7)
+  assert int(a["step"]) == int(b["step"])
+
+
+def test_teacher_checkpoint_trains_only_the_student(uninterrupted_run, citeulike_file,
+                                                    tmp_path):
+  _, workdir_a, results_a = uninterrupted_run
+  cfg = _resume_config(citeulike_file, teacher_checkpoint=workdir_a, distill__epochs=0)
+  results = train.train_and_evaluate(cfg, str(tmp_path / "run_c"))
+  assert set(results["phases"]) == {"warmup"}
+  got, want = results["phases"]["warmup"], results_a["phases"]["warmup"]
+  for split in ("val", "test"):
+    for name, v in want["teacher"][split].items():
+      assert got["teacher"][split][name] == pytest.approx(v, abs=1e-6), (split, name)
+  # The student trains alone on the same keys and its loss ignores the teacher: same result.
+  for split in ("val", "test"):
+    for name, v in want["student"][split].items():
+      assert got["student"][split][name] == pytest.approx(v, abs=1e-6), (split, name)
+  with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
+    train.train_and_evaluate(
+        _resume_config(citeulike_file, teacher_checkpoint=str(tmp_path / "nowhere"),
+                       distill__epochs=0), str(tmp_path / "run_d"))
+
+
+# ---------------------------------------------------------------------------------------------
+# known bugs
+# ---------------------------------------------------------------------------------------------
+
+@needs_4_devices
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "train_and_evaluate on >1 device fails once a state comes from a checkpoint (start of "
+    "distill/control, any resume, teacher_checkpoint): PhaseCheckpoints.restore returns arrays "
+    "committed to device 0 (SingleDeviceSharding) and the jitted shard_map epoch over the "
+    "4-device mesh rejects them: 'Received incompatible devices for jitted computation'"))
+def test_multi_device_run_reaches_distillation(citeulike_file, tmp_path):
+  from conftest import quick_config
+  cfg = quick_config(citeulike_file, num_devices=4, warmup__epochs=1, distill__epochs=1,
+                     control=False)
+  results = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert set(results["phases"]) == {"warmup", "distill"}
+
+
+@pytest.mark.xfail(strict=True, raises=ocp.checkpoint_manager.StepAlreadyExistsError, reason=(
+    "train.py budget stop: `ckpt.save(epoch, ...)` when max_epochs_per_run runs out saves again "
+    "an epoch that checkpoint_every already saved -> orbax StepAlreadyExistsError"))
+def test_budget_stop_on_a_checkpointed_epoch(citeulike_file, tmp_path):
+  from conftest import quick_config
+  cfg = quick_config(citeulike_file, num_devices=1, warmup__epochs=2, distill__epochs=0,
+                     checkpoint_every=1, max_epochs_per_run=1)
+  workdir = str(tmp_path / "run")
+  for _ in range(3):
+    results = train.train_and_evaluate(cfg, workdir)
+    if "warmup" in results["phases"]:
+      break
+  assert set(results["phases"]) == {"warmup"}
+  assert PhaseCheckpoints(os.path.join(workdir, "checkpoints"), "warmup").latest_epoch() == 2
