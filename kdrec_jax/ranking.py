@@ -68,26 +68,18 @@ def searchsorted_rows(cdf: jax.Array, rows: jax.Array, values: jax.Array) -> jax
   """For each query, the smallest column j with cdf[row, j] > value (binary search).
 
   cdf [R, N] non-decreasing along rows; rows and values have the same shape; returns int32 in
-  [0, N-1] (N-1 when value >= the row total, which callers avoid).
+  [0, N-1] (N-1 when value >= the row total, which callers avoid). Branchless: one position is
+  carried through power-of-two steps, so the unrolled chain fuses into one kernel.
   """
   n = cdf.shape[-1]
-  lo = jnp.zeros_like(values, dtype=jnp.int32)  # *_like keeps shard_map's varying-axis type
-  hi = lo + (n - 1)
-  steps = max(int(n - 1).bit_length(), 1)
-
-  def body(_, lohi):
-    lo, hi = lohi
-    mid = (lo + hi) // 2
-    right = cdf[rows, mid] <= values
-    return jnp.where(right, mid + 1, lo), jnp.where(right, hi, mid)
-
-  for _ in range(steps):  # unrolled: XLA fuses the gathers (a loop costs kernels per step on GPU)
-    lo, hi = body(None, (lo, hi))
-  return lo
-
-
-def _per_row(keys: jax.Array, fn, *args):
-  return jax.vmap(fn)(keys, *args)
+  pos = jnp.full_like(values, -1, dtype=jnp.int32)  # last column with cdf <= value
+  step = 1 << max(int(n).bit_length() - 1, 0)
+  while step:
+    cand = pos + step
+    ok = (cand < n) & (cdf[rows, jnp.minimum(cand, n - 1)] <= values)
+    pos = jnp.where(ok, cand, pos)
+    step >>= 1
+  return jnp.minimum(pos + 1, n - 1)
 
 
 def sample_from_cdf(keys: jax.Array, cdf: jax.Array, rows: jax.Array, n: int = 1) -> tuple:

@@ -48,26 +48,22 @@ def row_mask(csr: DeviceCSR, users: jax.Array, num_items: int) -> jax.Array:
 
 
 def contains(csr: DeviceCSR, users: jax.Array, items: jax.Array) -> jax.Array:
-  """bool, shape of `items`: whether items[..] is in row users[..] (binary search, rows sorted).
+  """bool, shape of `items`: whether items[..] is in row users[..] (rows sorted); `users`
+  broadcasts against `items`.
 
-  `users` broadcasts against `items`.
+  A branchless binary search that carries one position through power-of-two steps, so the
+  unrolled chain fuses into one kernel without recomputation.
   """
   users = jnp.broadcast_to(users, items.shape)
   lo = csr.indptr[users]
-  hi = csr.indptr[users + 1]  # search in [lo, hi)
-  n = csr.indices.shape[0]
-  steps = max(int(np.ceil(np.log2(csr.max_len + 1))), 1)
-
-  def body(_, lohi):
-    lo, hi = lohi
-    mid = (lo + hi) // 2
-    go_right = csr.indices[jnp.minimum(mid, n - 1)] < items
-    active = lo < hi
-    lo = jnp.where(active & go_right, mid + 1, lo)
-    hi = jnp.where(active & ~go_right, mid, hi)
-    return lo, hi
-
-  for _ in range(steps):  # unrolled: XLA fuses the gathers (a loop costs kernels per step on GPU)
-    lo, hi = body(None, (lo, hi))
-  end = csr.indptr[users + 1]
-  return (lo < end) & (csr.indices[jnp.minimum(lo, n - 1)] == items)
+  hi = csr.indptr[users + 1]
+  last = csr.indices.shape[0] - 1
+  pos = lo - 1  # invariant: every element of the row at or before pos is < item
+  step = 1 << max(int(csr.max_len).bit_length() - 1, 0)
+  while step:
+    cand = pos + step
+    ok = (cand < hi) & (csr.indices[jnp.clip(cand, 0, last)] < items)
+    pos = jnp.where(ok, cand, pos)
+    step >>= 1
+  first = pos + 1
+  return (first < hi) & (csr.indices[jnp.clip(first, 0, last)] == items)

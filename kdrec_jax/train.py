@@ -73,6 +73,9 @@ def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.
     samples = method.sample(state["method"], users, k_method) if phase.distill else None
     if phase.distill and method.cf_negatives is not None:
       negs = method.cf_negatives(samples, negs)
+    # Materialise the sampled ids: fused into the embedding gathers, their binary searches would
+    # be recomputed for every embedding column.
+    negs, samples = jax.lax.optimization_barrier((negs, samples))
     # Per-device sums scaled by the device count: their pmean is the global-batch sum.
     scale = jax.lax.axis_size(AXIS)
 
@@ -318,7 +321,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               exp.data.num_items)
     run_epoch, steps = make_epoch(step_fn, exp.mesh, exp.data.num_train, config.batch_size)
     phase_key = jax.random.fold_in(exp.key, phase_index)
-    t_phase = time.time()
+    t_phase = t_log = time.time()
+    logged_epoch = epoch
     while epoch < pcfg.epochs:
       if budget is not None and budget <= 0:
         ckpt.save(epoch, _saved(state))
@@ -328,19 +332,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if phase.distill and refresh_due(epoch):
         state["snapshot"] = _snapshot(state)
         state["method"] = exp.refresh(state["snapshot"])
-      t0 = time.time()
       state, metrics = run_epoch(state, exp.users, exp.items, jax.random.fold_in(phase_key, epoch))
       epoch += 1
       budget = None if budget is None else budget - 1
       if epoch % config.log_every == 0 or epoch == pcfg.epochs:
-        metrics = jax.device_get(metrics)
-        dt = time.time() - t0
+        metrics = jax.device_get(metrics)  # waits for the queued epochs
+        dt = (time.time() - t_log) / (epoch - logged_epoch)
+        t_log, logged_epoch = time.time(), epoch
         n = float(metrics["examples"])
-        writer.write(phase=phase.name, epoch=epoch, seconds=dt, examples_per_s=n / dt,
+        writer.write(phase=phase.name, epoch=epoch, seconds_per_epoch=dt, examples_per_s=n / dt,
                      **{k: float(v) / n for k, v in metrics.items() if k != "examples"})
-        logging.info("[%s] epoch %d/%d  loss T %.4f S %.4f  %.0f ex/s", phase.name, epoch,
-                     pcfg.epochs, metrics["loss_teacher"] / n, metrics["loss_student"] / n,
-                     n / dt)
+        logging.info("[%s] epoch %d/%d  loss T %.4f S %.4f  %.2f s/epoch  %.0f ex/s", phase.name,
+                     epoch, pcfg.epochs, metrics["loss_teacher"] / n,
+                     metrics["loss_student"] / n, dt, n / dt)
       if config.eval_every and epoch % config.eval_every == 0 and epoch < pcfg.epochs:
         val = exp.evaluate(state, splits=("val",))
         writer.write(phase=phase.name, epoch=epoch, eval=val)
