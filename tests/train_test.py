@@ -168,67 +168,6 @@ def test_frozen_teacher_in_warmup_is_bit_identical(distill_setup):
 
 
 # ---------------------------------------------------------------------------------------------
-# the launcher
-# ---------------------------------------------------------------------------------------------
-
-def _launch(workdir, *flags):
-  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/bd_bpr_citeulike.py:quick",
-         "--workdir", str(workdir), *flags]
-  return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
-                        env=dict(os.environ))
-
-
-QUICK_FLAGS = ("--config.warmup.epochs=2", "--config.distill.epochs=2",
-               "--config.method.refresh_every=1", "--config.batch_size=32",
-               "--config.eval.ks=(5,10)", "--config.eval.chunk_size=64",
-               "--config.log_every=1", "--config.checkpoint_every=1", "--config.eval_every=1",
-               # 1 device: multi-device runs fail after warm-up (see the xfail test below)
-               "--config.num_devices=1")
-
-
-def test_launcher_end_to_end(tmp_path, citeulike_file):
-  workdir = tmp_path / "run"
-  proc = _launch(workdir, f"--config.data.path={citeulike_file}", *QUICK_FLAGS)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(workdir / "results.json") as f:
-    results = json.load(f)
-  assert set(results["phases"]) == set(PHASES)
-  assert "120 users x 150 items" in results["dataset"]
-  for phase in PHASES:
-    for m in MODELS:
-      for split in ("val", "test"):
-        metrics = results["phases"][phase][m][split]
-        assert {"HR@5", "HR@10", "NDCG@5", "NDCG@10"} <= set(metrics)
-        for name, v in metrics.items():
-          assert 0.0 <= v <= 1.0, (phase, m, split, name, v)
-        assert metrics["HR@5"] <= metrics["HR@10"]
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert records
-  for r in records:
-    assert r["phase"] in PHASES and isinstance(r["epoch"], int)
-  train_logs = {(r["phase"], r["epoch"]) for r in records if "loss_teacher" in r}
-  assert train_logs == {(p, e) for p in PHASES for e in (1, 2)}
-  assert {r["phase"] for r in records if r.get("final")} == set(PHASES)
-  evals = [r for r in records if "eval" in r and not r.get("final")]  # eval_every=1, epoch 1
-  assert {(r["phase"], r["epoch"]) for r in evals} == {(p, 1) for p in PHASES}
-  assert all(0 <= r["eval"]["student"]["val"]["HR@10"] <= 1 for r in evals)
-  distill = [r for r in records if r["phase"] == "distill" and "bd_student" in r]
-  assert len(distill) == 2 and all(r["valid_student"] == 1.0 for r in distill)
-  for phase in PHASES:
-    assert PhaseCheckpoints(str(workdir / "checkpoints"), phase).latest_epoch() == 2
-
-
-def test_launcher_bad_input(tmp_path):
-  bad = tmp_path / "bad_users.dat"
-  bad.write_text("5 1 2 3 4 5\n3 1 2\n")
-  proc = _launch(tmp_path / "run", f"--config.data.path={bad}")
-  assert proc.returncode != 0
-  assert f"{bad}:2" in proc.stderr, proc.stderr[-2000:]
-  assert "count 3 does not match 2" in proc.stderr
-  assert "Traceback" not in proc.stderr
-
-
-# ---------------------------------------------------------------------------------------------
 # resuming and the teacher checkpoint
 # ---------------------------------------------------------------------------------------------
 
@@ -314,6 +253,67 @@ def test_teacher_checkpoint_trains_only_the_student(uninterrupted_run, citeulike
     train.train_and_evaluate(
         _resume_config(citeulike_file, teacher_checkpoint=str(tmp_path / "nowhere"),
                        distill__epochs=0), str(tmp_path / "run_d"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the launcher (after the in-process runs: its programs are then in the compilation cache)
+# ---------------------------------------------------------------------------------------------
+
+def _launch(workdir, *flags):
+  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/bd_bpr_citeulike.py:quick",
+         "--workdir", str(workdir), *flags]
+  return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+                        env=dict(os.environ))
+
+
+QUICK_FLAGS = ("--config.warmup.epochs=2", "--config.distill.epochs=2",
+               "--config.method.refresh_every=1", "--config.batch_size=32",
+               "--config.eval.ks=(5,10)", "--config.eval.chunk_size=64",
+               "--config.log_every=1", "--config.checkpoint_every=1", "--config.eval_every=1",
+               # 1 device: multi-device runs fail after warm-up (see the xfail test below)
+               "--config.num_devices=1")
+
+
+def test_launcher_end_to_end(tmp_path, citeulike_file):
+  workdir = tmp_path / "run"
+  proc = _launch(workdir, f"--config.data.path={citeulike_file}", *QUICK_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert set(results["phases"]) == set(PHASES)
+  assert "120 users x 150 items" in results["dataset"]
+  for phase in PHASES:
+    for m in MODELS:
+      for split in ("val", "test"):
+        metrics = results["phases"][phase][m][split]
+        assert {"HR@5", "HR@10", "NDCG@5", "NDCG@10"} <= set(metrics)
+        for name, v in metrics.items():
+          assert 0.0 <= v <= 1.0, (phase, m, split, name, v)
+        assert metrics["HR@5"] <= metrics["HR@10"]
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert records
+  for r in records:
+    assert r["phase"] in PHASES and isinstance(r["epoch"], int)
+  train_logs = {(r["phase"], r["epoch"]) for r in records if "loss_teacher" in r}
+  assert train_logs == {(p, e) for p in PHASES for e in (1, 2)}
+  assert {r["phase"] for r in records if r.get("final")} == set(PHASES)
+  evals = [r for r in records if "eval" in r and not r.get("final")]  # eval_every=1, epoch 1
+  assert {(r["phase"], r["epoch"]) for r in evals} == {(p, 1) for p in PHASES}
+  assert all(0 <= r["eval"]["student"]["val"]["HR@10"] <= 1 for r in evals)
+  distill = [r for r in records if r["phase"] == "distill" and "bd_student" in r]
+  assert len(distill) == 2 and all(r["valid_student"] == 1.0 for r in distill)
+  for phase in PHASES:
+    assert PhaseCheckpoints(str(workdir / "checkpoints"), phase).latest_epoch() == 2
+
+
+def test_launcher_bad_input(tmp_path):
+  bad = tmp_path / "bad_users.dat"
+  bad.write_text("5 1 2 3 4 5\n3 1 2\n")
+  proc = _launch(tmp_path / "run", f"--config.data.path={bad}")
+  assert proc.returncode != 0
+  assert f"{bad}:2" in proc.stderr, proc.stderr[-2000:]
+  assert "count 3 does not match 2" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------
