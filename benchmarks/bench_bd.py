@@ -49,6 +49,8 @@ def main(argv):
     if phase.distill:
       holder["state"]["snapshot"] = train._snapshot(holder["state"])
       holder["state"]["method"] = exp.refresh(holder["state"]["snapshot"])
+    holder["state"] = jax.device_put(holder["state"],
+                                     jax.sharding.NamedSharding(exp.mesh, jax.P()))
     step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
                                  exp.data.num_items)
     epoch, steps = train.make_epoch(step, exp.mesh, exp.data.num_train, cfg.batch_size)

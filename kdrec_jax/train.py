@@ -316,6 +316,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     refresh_due = lambda e: e % every == 0 if every else e == 0  # noqa: E731
     if phase.distill and epoch < pcfg.epochs and not refresh_due(epoch):
       state["method"] = exp.refresh(state["snapshot"])  # mid-period resume: same tables as before
+    # Place the state as the epoch returns it (replicated on the mesh): one compilation per phase.
+    replicated = jax.sharding.NamedSharding(exp.mesh, P())
+    state = jax.device_put(state, replicated)
     phase = dataclasses.replace(phase, train=train_models)
     step_fn = make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
                               exp.data.num_items)
@@ -332,6 +335,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if phase.distill and refresh_due(epoch):
         state["snapshot"] = _snapshot(state)
         state["method"] = exp.refresh(state["snapshot"])
+        state = jax.device_put(state, replicated)
       state, metrics = run_epoch(state, exp.users, exp.items, jax.random.fold_in(phase_key, epoch))
       epoch += 1
       budget = None if budget is None else budget - 1
