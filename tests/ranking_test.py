@@ -165,22 +165,12 @@ def test_searchsorted_rows_matches_numpy(n):
   np.testing.assert_array_equal(np.asarray(got), expected)
 
 
-@pytest.mark.parametrize("n", [2, 4, 8, 32])
-def test_searchsorted_rows_at_total_clamps_power_of_two(n):
-  cdf = np.cumsum(np.ones((3, n), np.float32), axis=1)
-  got = ranking.searchsorted_rows(jnp.asarray(cdf), jnp.arange(3), jnp.asarray(cdf[:, -1]))
-  np.testing.assert_array_equal(np.asarray(got), [n - 1] * 3)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "searchsorted_rows documents N-1 for value >= the row total, but for N = 1 or N not a power "
-    "of two the fixed max(bit_length(N-1), 1) iterations keep stepping past hi once lo == hi "
-    "and return N "
-    "(out of range); sample_from_cdf never queries there, so the samplers are unaffected"))
-@pytest.mark.parametrize("n", [1, 3, 7, 9, 33])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8, 9, 32, 33])
 def test_searchsorted_rows_at_total_clamps(n):
+  """value >= the row total returns N-1, as documented (N = 1 and non-powers of two included)."""
   cdf = np.cumsum(np.ones((3, n), np.float32), axis=1)
-  got = ranking.searchsorted_rows(jnp.asarray(cdf), jnp.arange(3), jnp.asarray(cdf[:, -1]))
+  values = jnp.asarray(cdf[:, -1] + np.array([0.0, 0.5, 100.0], np.float32))
+  got = ranking.searchsorted_rows(jnp.asarray(cdf), jnp.arange(3), values)
   np.testing.assert_array_equal(np.asarray(got), [n - 1] * 3)
 
 
@@ -219,6 +209,22 @@ def test_sample_from_weights_frequencies():
   assert_frequencies(items[2], WEIGHTS[1])
   # Different keys for the two rows of the same weights give different draws.
   assert np.any(items[0] != items[3])
+
+
+def test_sparse_contains_matches_python_sets():
+  """The membership test behind uniform_negatives, on rows of many lengths (0, 1, powers of two
+  and their neighbours), with queries inside, between, below and above each row's items."""
+  rng = np.random.default_rng(8)
+  num_items = 50
+  rows = [np.sort(rng.choice(num_items, k, replace=False))
+          for k in (0, 1, 2, 3, 4, 7, 8, 9, 16, 17, 33, 50)]
+  indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+  csr = sparse.DeviceCSR.from_numpy(indptr, np.concatenate(rows))
+  users = np.repeat(np.arange(len(rows)), num_items + 2).astype(np.int32)
+  items = np.tile(np.arange(-1, num_items + 1), len(rows)).astype(np.int32)
+  got = np.asarray(jax.jit(sparse.contains)(csr, jnp.asarray(users), jnp.asarray(items)))
+  expected = np.array([i in set(rows[u].tolist()) for u, i in zip(users, items)])
+  np.testing.assert_array_equal(got, expected)
 
 
 def test_uniform_negatives_avoid_positives_and_are_uniform():

@@ -255,6 +255,26 @@ def test_teacher_checkpoint_trains_only_the_student(uninterrupted_run, citeulike
                        distill__epochs=0), str(tmp_path / "run_d"))
 
 
+@needs_4_devices
+def test_multi_device_run_matches_single_device(citeulike_file, tmp_path):
+  """A whole run on 4 devices (states restored from checkpoints at the start of distillation
+  and placed on the mesh) gives the 1-device results."""
+  from conftest import quick_config
+  results = {}
+  for n in (4, 1):
+    cfg = quick_config(citeulike_file, num_devices=n, warmup__epochs=1, distill__epochs=1,
+                       control=False)
+    results[n] = train.train_and_evaluate(cfg, str(tmp_path / f"run{n}"))
+    assert set(results[n]["phases"]) == {"warmup", "distill"}
+  got, want = _metrics_only(results[4]), _metrics_only(results[1])
+  for p in want:
+    for m in MODELS:
+      for split in ("val", "test"):
+        for name, v in want[p][m][split].items():
+          assert 0.0 <= v <= 1.0
+          assert got[p][m][split][name] == pytest.approx(v, abs=1e-6), (p, m, split, name)
+
+
 # ---------------------------------------------------------------------------------------------
 # the launcher (after the in-process runs: its programs are then in the compilation cache)
 # ---------------------------------------------------------------------------------------------
@@ -269,9 +289,8 @@ def _launch(workdir, *flags):
 QUICK_FLAGS = ("--config.warmup.epochs=2", "--config.distill.epochs=2",
                "--config.method.refresh_every=1", "--config.batch_size=32",
                "--config.eval.ks=(5,10)", "--config.eval.chunk_size=64",
-               "--config.log_every=1", "--config.checkpoint_every=1", "--config.eval_every=1",
-               # 1 device: multi-device runs fail after warm-up (see the xfail test below)
-               "--config.num_devices=1")
+               "--config.log_every=1", "--config.checkpoint_every=1", "--config.eval_every=1")
+# (num_devices stays 0: all 4 fake devices, inherited through XLA_FLAGS)
 
 
 def test_launcher_end_to_end(tmp_path, citeulike_file):
@@ -319,20 +338,6 @@ def test_launcher_bad_input(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # known bugs
 # ---------------------------------------------------------------------------------------------
-
-@needs_4_devices
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "train_and_evaluate on >1 device fails once a state comes from a checkpoint (start of "
-    "distill/control, any resume, teacher_checkpoint): PhaseCheckpoints.restore returns arrays "
-    "committed to device 0 (SingleDeviceSharding) and the jitted shard_map epoch over the "
-    "4-device mesh rejects them: 'Received incompatible devices for jitted computation'"))
-def test_multi_device_run_reaches_distillation(citeulike_file, tmp_path):
-  from conftest import quick_config
-  cfg = quick_config(citeulike_file, num_devices=4, warmup__epochs=1, distill__epochs=1,
-                     control=False)
-  results = train.train_and_evaluate(cfg, str(tmp_path / "run"))
-  assert set(results["phases"]) == {"warmup", "distill"}
-
 
 @pytest.mark.xfail(strict=True, raises=ocp.checkpoint_manager.StepAlreadyExistsError, reason=(
     "train.py budget stop: `ckpt.save(epoch, ...)` when max_epochs_per_run runs out saves again "
