@@ -268,11 +268,32 @@ def _load_teacher(exp: Experiment, state, path: str):
   return restored["teacher"]["params"]
 
 
+def _initial_state(exp: Experiment, phase: Phase, opts, warm_ckpt):
+  """A phase's starting state and the models it trains: fresh for the warm-up (with a loaded
+  teacher if configured), else the end of warm-up with fresh optimizer states."""
+  config = exp.config
+  state = init_state(exp.key, exp.models, opts)
+  train_models = phase.train
+  if phase.name == "warmup" and config.teacher_checkpoint:
+    params = _load_teacher(exp, state, config.teacher_checkpoint)
+    state["teacher"] = {"params": params, "opt": opts["teacher"].init(params)}
+    train_models = ("student",)
+  elif phase.name != "warmup":
+    like = _saved(init_state(exp.key, exp.models, exp.optimizers(config.warmup)))
+    start = warm_ckpt.restore(like, epoch=config.warmup.epochs)
+    for m in MODELS:
+      state[m] = {"params": start[m]["params"], "opt": opts[m].init(start[m]["params"])}
+  if phase.distill:
+    state["snapshot"] = _snapshot(state)
+  return state, dataclasses.replace(phase, train=train_models)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the whole schedule in `workdir`, resuming from its checkpoints; returns the results.
 
   Results (also written to `<workdir>/results.json`): for each finished phase ('warmup',
   'distill', 'control'), each model's validation and test metrics at the phase's end.
+  `config.max_epochs_per_run` > 0 stops (checkpointed) after that many epochs in this call.
   """
   from kdrec_jax.checkpoint import PhaseCheckpoints
   os.makedirs(workdir, exist_ok=True)
@@ -284,86 +305,85 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(results_path) as f:
       results["phases"] = json.load(f).get("phases", {})
   logging.info("%s; %d device(s); method %s", exp.data, exp.mesh.devices.size, exp.method.name)
-  budget = config.get("max_epochs_per_run", 0) or None  # for time-limited sessions
-  warm_ckpt = PhaseCheckpoints(os.path.join(workdir, "checkpoints"), "warmup")
+  budget = [config.get("max_epochs_per_run", 0) or None]  # epochs left in this call
+  ckpt_root = os.path.join(workdir, "checkpoints")
+  warm_ckpt = PhaseCheckpoints(ckpt_root, "warmup")
 
   for phase_index, (phase, pcfg) in enumerate(phases_for(config)):
     if phase.name in results["phases"]:
       continue
-    train_models = phase.train
     opts = exp.optimizers(pcfg)
-    ckpt = PhaseCheckpoints(os.path.join(workdir, "checkpoints"), phase.name,
-                            max_to_keep=config.checkpoint_keep)
-    state = init_state(exp.key, exp.models, opts)
-    if phase.name == "warmup" and config.teacher_checkpoint:
-      params = _load_teacher(exp, state, config.teacher_checkpoint)
-      state["teacher"] = {"params": params, "opt": opts["teacher"].init(params)}
-      train_models = ("student",)
-    elif phase.name != "warmup":  # start from the end of warm-up, with fresh optimizers
-      like = _saved(init_state(exp.key, exp.models, exp.optimizers(config.warmup)))
-      start = warm_ckpt.restore(like, epoch=config.warmup.epochs)
-      for m in MODELS:
-        p = start[m]["params"]
-        state[m] = {"params": p, "opt": opts[m].init(p)}
-    if phase.distill:
-      state["snapshot"] = _snapshot(state)
-    epoch = 0
-    if ckpt.latest_epoch() is not None:
-      epoch = ckpt.latest_epoch()
-      state.update(ckpt.restore(_saved(state)))
-      logging.info("[%s] resumed at epoch %d from %s", phase.name, epoch, ckpt.directory)
-    every = exp.method.refresh_every
-    refresh_due = lambda e: e % every == 0 if every else e == 0  # noqa: E731
-    if phase.distill and epoch < pcfg.epochs and not refresh_due(epoch):
-      state["method"] = exp.refresh(state["snapshot"])  # mid-period resume: same tables as before
-    # Place the state as the epoch returns it (replicated on the mesh): one compilation per phase.
-    replicated = jax.sharding.NamedSharding(exp.mesh, P())
-    state = jax.device_put(state, replicated)
-    phase = dataclasses.replace(phase, train=train_models)
-    step_fn = make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                              exp.data.num_items)
-    run_epoch, steps = make_epoch(step_fn, exp.mesh, exp.data.num_train, config.batch_size)
-    phase_key = jax.random.fold_in(exp.key, phase_index)
-    t_phase = t_log = time.time()
-    logged_epoch = epoch
-    while epoch < pcfg.epochs:
-      if budget is not None and budget <= 0:
-        ckpt.save(epoch, _saved(state))
-        logging.info("Stopping after max_epochs_per_run; rerun the command to resume.")
-        _write_json_atomic(results_path, results)
-        return results
-      if phase.distill and refresh_due(epoch):
-        state["snapshot"] = _snapshot(state)
-        state["method"] = exp.refresh(state["snapshot"])
-        state = jax.device_put(state, replicated)
-      state, metrics = run_epoch(state, exp.users, exp.items, jax.random.fold_in(phase_key, epoch))
-      epoch += 1
-      budget = None if budget is None else budget - 1
-      if epoch % config.log_every == 0 or epoch == pcfg.epochs:
-        metrics = jax.device_get(metrics)  # waits for the queued epochs
-        dt = (time.time() - t_log) / (epoch - logged_epoch)
-        t_log, logged_epoch = time.time(), epoch
-        n = float(metrics["examples"])
-        writer.write(phase=phase.name, epoch=epoch, seconds_per_epoch=dt, examples_per_s=n / dt,
-                     **{k: float(v) / n for k, v in metrics.items() if k != "examples"})
-        logging.info("[%s] epoch %d/%d  loss T %.4f S %.4f  %.2f s/epoch  %.0f ex/s", phase.name,
-                     epoch, pcfg.epochs, metrics["loss_teacher"] / n,
-                     metrics["loss_student"] / n, dt, n / dt)
-      if config.eval_every and epoch % config.eval_every == 0 and epoch < pcfg.epochs:
-        val = exp.evaluate(state, splits=("val",))
-        writer.write(phase=phase.name, epoch=epoch, eval=val)
-        logging.info("[%s] epoch %d val %s", phase.name, epoch, _summary(val, "val"))
-      if epoch % config.checkpoint_every == 0 or epoch == pcfg.epochs:
-        ckpt.save(epoch, _saved(state))
-    if pcfg.epochs == 0:
-      ckpt.save(0, _saved(state))
-    evals = exp.evaluate(state)
-    evals["seconds"] = time.time() - t_phase
-    results["phases"][phase.name] = evals
-    writer.write(phase=phase.name, epoch=epoch, final=True, eval=evals)
-    logging.info("[%s] done: test %s", phase.name, _summary(evals, "test"))
+    ckpt = PhaseCheckpoints(ckpt_root, phase.name, max_to_keep=config.checkpoint_keep)
+    state, phase = _initial_state(exp, phase, opts, warm_ckpt)
+    finished = _run_phase(exp, phase, pcfg, opts, state, ckpt, writer, budget,
+                          jax.random.fold_in(exp.key, phase_index))
+    if not finished:
+      logging.info("Stopped after max_epochs_per_run; rerun the command to resume.")
+      break
+    results["phases"][phase.name] = finished
     _write_json_atomic(results_path, results)
   return results
+
+
+def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, budget,
+               phase_key):
+  """Trains one phase from its latest checkpoint (or `state`); returns its final evaluation, or
+  None if the epoch budget ran out first (after checkpointing)."""
+  config = exp.config
+  epoch = 0
+  if ckpt.latest_epoch() is not None:
+    epoch = ckpt.latest_epoch()
+    state.update(ckpt.restore(_saved(state)))
+    logging.info("[%s] resumed at epoch %d from %s", phase.name, epoch, ckpt.directory)
+  every = exp.method.refresh_every
+  refresh_due = lambda e: e % every == 0 if every else e == 0  # noqa: E731
+  if phase.distill and epoch < pcfg.epochs and not refresh_due(epoch):
+    state["method"] = exp.refresh(state["snapshot"])  # mid-period resume: same tables as before
+  # Place the state as the epoch returns it (replicated on the mesh): one compilation per phase.
+  replicated = jax.sharding.NamedSharding(exp.mesh, P())
+  state = jax.device_put(state, replicated)
+  step_fn = make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
+                            exp.data.num_items)
+  run_epoch, _ = make_epoch(step_fn, exp.mesh, exp.data.num_train, config.batch_size)
+  t_phase = t_log = time.time()
+  logged_epoch = epoch
+  while epoch < pcfg.epochs:
+    if budget[0] is not None and budget[0] <= 0:
+      ckpt.save(epoch, _saved(state))
+      return None
+    if phase.distill and refresh_due(epoch):
+      state["snapshot"] = _snapshot(state)
+      state["method"] = exp.refresh(state["snapshot"])
+      state = jax.device_put(state, replicated)
+    state, metrics = run_epoch(state, exp.users, exp.items, jax.random.fold_in(phase_key, epoch))
+    epoch += 1
+    if budget[0] is not None:
+      budget[0] -= 1
+    if epoch % config.log_every == 0 or epoch == pcfg.epochs:
+      metrics = jax.device_get(metrics)  # waits for the queued epochs
+      dt = (time.time() - t_log) / (epoch - logged_epoch)
+      t_log, logged_epoch = time.time(), epoch
+      n = float(metrics["examples"])
+      losses = {k: float(v) / n for k, v in metrics.items() if k != "examples"}
+      if not all(np.isfinite(v) for v in losses.values()):
+        raise FloatingPointError(f"[{phase.name}] epoch {epoch}: non-finite loss {losses}")
+      writer.write(phase=phase.name, epoch=epoch, seconds_per_epoch=dt, examples_per_s=n / dt,
+                   **losses)
+      logging.info("[%s] epoch %d/%d  loss T %.4f S %.4f  %.2f s/epoch  %.0f ex/s", phase.name,
+                   epoch, pcfg.epochs, losses["loss_teacher"], losses["loss_student"], dt, n / dt)
+    if config.eval_every and epoch % config.eval_every == 0 and epoch < pcfg.epochs:
+      val = exp.evaluate(state, splits=("val",))
+      writer.write(phase=phase.name, epoch=epoch, eval=val)
+      logging.info("[%s] epoch %d val %s", phase.name, epoch, _summary(val, "val"))
+    if epoch % config.checkpoint_every == 0 or epoch == pcfg.epochs:
+      ckpt.save(epoch, _saved(state))
+  if pcfg.epochs == 0:
+    ckpt.save(0, _saved(state))
+  evals = exp.evaluate(state)
+  evals["seconds"] = time.time() - t_phase
+  writer.write(phase=phase.name, epoch=epoch, final=True, eval=evals)
+  logging.info("[%s] done: test %s", phase.name, _summary(evals, "test"))
+  return evals
 
 
 def _summary(evals, split, keys=("HR@50", "NDCG@50")) -> str:
