@@ -219,7 +219,7 @@ class Experiment:
     self.config = config
     self.data = kdata.load(config.data)
     d = self.data
-    self.models = {m: kmodels.make(config[m], d.num_users, d.num_items) for m in MODELS}
+    self.models = {m: kmodels.make(config[m], d.num_users, d.num_items, data=d) for m in MODELS}
     self.method = kmethods.make(config.method, self.models, d)
     self.mesh = make_mesh(config.num_devices)
     self.train_csr = sparse.DeviceCSR.from_numpy(*d.split("train"))

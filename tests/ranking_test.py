@@ -122,7 +122,7 @@ def test_descending_order_matches_stable_argsort(use_x64):
   np.testing.assert_array_equal(np.asarray(got3).reshape(5, 23), expected)
 
 
-@pytest.mark.xfail(strict=False, reason=(
+@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
     "ranking._descending_key orders -0.0 after +0.0 and NaN before every number, whereas the "
     "module's documented convention (a stable argsort of -score) ties -0.0 with +0.0 and puts "
     "NaN last; kdrec_jax.metrics handles both (NaN lowest, -0.0 == +0.0)"))

@@ -340,7 +340,8 @@ def test_launcher_bad_input(tmp_path):
 # known bugs
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, raises=ocp.checkpoint_manager.StepAlreadyExistsError, reason=(
+@pytest.mark.xfail(
+    strict=False, raises=ocp.checkpoint_manager.StepAlreadyExistsError, reason=(
     "train.py budget stop: `ckpt.save(epoch, ...)` when max_epochs_per_run runs out saves again "
     "an epoch that checkpoint_every already saved -> orbax StepAlreadyExistsError"))
 def test_budget_stop_on_a_checkpointed_epoch(citeulike_file, tmp_path):

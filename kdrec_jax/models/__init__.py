@@ -30,8 +30,11 @@ def _bpr_cf_loss(params, users, pos, neg, weight):
                          weight)
 
 
-def make(cfg, num_users: int, num_items: int) -> Model:
-  """Builds the model named by `cfg.name` ('bpr_mf') with the sizes in `cfg`."""
+def make(cfg, num_users: int, num_items: int, data=None) -> Model:
+  """Builds the model named by `cfg.name` ('bpr_mf') with the sizes in `cfg`.
+
+  `data` (the training `Interactions`) is for models built on the interaction graph.
+  """
   if cfg.name == "bpr_mf":
     return Model(
         name="bpr_mf",
