@@ -21,6 +21,9 @@ class PhaseCheckpoints:
     return self._manager.latest_step()
 
   def save(self, epoch: int, tree: Any) -> None:
+    """Saves `tree` as `epoch` (a no-op if that epoch is already the latest checkpoint)."""
+    if self.latest_epoch() == epoch:
+      return
     self._manager.save(epoch, args=ocp.args.StandardSave(tree), force=True)
     self._manager.wait_until_finished()
 

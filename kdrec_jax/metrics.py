@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdrec_jax import sparse
+from kdrec_jax import ranking, sparse
 from kdrec_jax.data.interactions import Interactions
 
 ScoreFn = Callable[[Any, jax.Array], jax.Array]
@@ -33,10 +33,8 @@ ScoreFn = Callable[[Any, jax.Array], jax.Array]
 DEFAULT_KS = (10, 20, 50, 100)
 PROTOCOLS = ("full", "sampled")
 
-# Order keys are int32 with the same order as the float32 scores; excluded slots get the minimum.
-_EXCLUDED_KEY = np.iinfo(np.int32).min
-_NEG_INF_KEY = -2139095041  # order key of -inf (bits 0xFF800000 with the low 31 bits flipped)
-_NAN_KEY = _NEG_INF_KEY - 1  # NaN ranks below -inf but above excluded slots
+_EXCLUDED_KEY = ranking.EXCLUDED_KEY
+order_key = ranking.order_key
 
 
 def metric_names(ks: Sequence[int]) -> tuple[str, ...]:
@@ -45,15 +43,6 @@ def metric_names(ks: Sequence[int]) -> tuple[str, ...]:
   for k in ks:
     names += [f"HR@{k}", f"Recall@{k}", f"NDCG@{k}"]
   return tuple(names) + ("MRR",)
-
-
-def order_key(scores: jax.Array) -> jax.Array:
-  """int32 keys ordered like float32 `scores` (NaN lowest, -0.0 == +0.0); all > excluded."""
-  s = scores.astype(jnp.float32)
-  s = jnp.where(s == 0, jnp.zeros_like(s), s)
-  bits = jax.lax.bitcast_convert_type(s, jnp.int32)
-  key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-  return jnp.where(jnp.isnan(s), jnp.int32(_NAN_KEY), key)
 
 
 def ranking_metrics_from_ranks(ranks: jax.Array, valid: jax.Array, ks: Sequence[int]

@@ -9,13 +9,35 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def _descending_key(scores: jax.Array) -> jax.Array:
-  """int32 key whose ascending order is the descending order of float32 `scores`."""
-  bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
-  ascending = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-  return ~ascending
+# Order keys: int32 with the same order as float32 scores (NaN lowest, -0.0 == +0.0); excluded
+# slots get the minimum, below every score.
+EXCLUDED_KEY = np.iinfo(np.int32).min
+_NEG_INF_KEY = -2139095041  # order key of -inf (bits 0xFF800000 with the low 31 bits flipped)
+_NAN_KEY = _NEG_INF_KEY - 1  # NaN ranks below -inf but above excluded slots
+
+
+def order_key(scores: jax.Array) -> jax.Array:
+  """int32 keys ordered like float32 `scores` (NaN lowest, -0.0 == +0.0); all > EXCLUDED_KEY."""
+  s = scores.astype(jnp.float32)
+  s = jnp.where(s == 0, jnp.zeros_like(s), s)
+  bits = jax.lax.bitcast_convert_type(s, jnp.int32)
+  key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+  return jnp.where(jnp.isnan(s), jnp.int32(_NAN_KEY), key)
+
+
+def _descending_order_of_keys(key: jax.Array) -> jax.Array:
+  n = key.shape[-1]
+  key = ~key  # ascending order of ~key = descending order of key
+  if jax.config.jax_enable_x64:
+    ids = jnp.arange(n, dtype=jnp.int64)
+    packed = (key.astype(jnp.int64) << 32) | ids
+    return (jnp.sort(packed, axis=-1) & 0xFFFFFFFF).astype(jnp.int32)
+  ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), key.shape)
+  _, order = jax.lax.sort((key, ids), dimension=key.ndim - 1, num_keys=1, is_stable=True)
+  return order
 
 
 def descending_order(scores: jax.Array) -> jax.Array:
@@ -25,15 +47,7 @@ def descending_order(scores: jax.Array) -> jax.Array:
   word, item id in the low word), which XLA's CPU sort runs about 5x faster than a two-operand
   stable sort; otherwise it falls back to that stable sort. Both give identical results.
   """
-  n = scores.shape[-1]
-  key = _descending_key(scores)
-  if jax.config.jax_enable_x64:
-    ids = jnp.arange(n, dtype=jnp.int64)
-    packed = (key.astype(jnp.int64) << 32) | ids
-    return (jnp.sort(packed, axis=-1) & 0xFFFFFFFF).astype(jnp.int32)
-  ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), scores.shape)
-  _, order = jax.lax.sort((key, ids), dimension=scores.ndim - 1, num_keys=1, is_stable=True)
-  return order
+  return _descending_order_of_keys(order_key(scores))
 
 
 def ranks(scores: jax.Array, exclude: jax.Array | None = None) -> jax.Array:
@@ -41,9 +55,10 @@ def ranks(scores: jax.Array, exclude: jax.Array | None = None) -> jax.Array:
 
   Excluded items are ranked after all others, so the remaining items get ranks 1..N-|excluded|.
   """
+  key = order_key(scores)
   if exclude is not None:
-    scores = jnp.where(exclude, -jnp.inf, scores)
-  order = descending_order(scores)
+    key = jnp.where(exclude, jnp.int32(EXCLUDED_KEY), key)
+  order = _descending_order_of_keys(key)
   c, n = scores.shape
   rows = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[:, None], (c, n))
   positions = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (c, n))

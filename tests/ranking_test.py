@@ -96,7 +96,7 @@ def test_ranks_match_numpy(use_x64, use_jit):
 def test_ranks_identical_with_and_without_x64():
   rng = np.random.default_rng(5)
   scores = rng.normal(size=(16, 200)).astype(np.float32)
-  scores[:, ::3] = np.round(scores[:, ::3]) + 0.0  # ties (+ 0.0: no -0.0, see xfail)
+  scores[:, ::3] = np.round(scores[:, ::3]) + 0.0  # ties
   scores[:, 7] = -scores[:, 8]  # negative numbers exercise the sign-flip key
   exclude = rng.random(scores.shape) < 0.1
   plain = jax.jit(ranking.ranks)(jnp.asarray(scores), jnp.asarray(exclude))
@@ -122,10 +122,6 @@ def test_descending_order_matches_stable_argsort(use_x64):
   np.testing.assert_array_equal(np.asarray(got3).reshape(5, 23), expected)
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "ranking._descending_key orders -0.0 after +0.0 and NaN before every number, whereas the "
-    "module's documented convention (a stable argsort of -score) ties -0.0 with +0.0 and puts "
-    "NaN last; kdrec_jax.metrics handles both (NaN lowest, -0.0 == +0.0)"))
 def test_ranks_special_values_follow_stable_argsort():
   scores = np.array([[0.0, -0.0, 0.0, np.nan, 1.0, -np.inf]], np.float32)
   # numpy: 1.0 first, then the three zeros by id, then -inf, NaN last.

@@ -10,7 +10,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from absl import logging
 
@@ -173,7 +172,7 @@ def test_frozen_teacher_in_warmup_is_bit_identical(distill_setup):
 
 def _resume_config(citeulike_file, **kw):
   from conftest import quick_config
-  # checkpoint_every=100: only phase ends and budget stops save (see the xfail test below).
+  # checkpoint_every=100: only phase ends and budget stops save.
   settings = dict(num_devices=1, distill__epochs=4, method__refresh_every=3,
                   checkpoint_every=100)
   settings.update(kw)
@@ -337,13 +336,9 @@ def test_launcher_bad_input(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# known bugs
+# regressions
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(
-    strict=False, raises=ocp.checkpoint_manager.StepAlreadyExistsError, reason=(
-    "train.py budget stop: `ckpt.save(epoch, ...)` when max_epochs_per_run runs out saves again "
-    "an epoch that checkpoint_every already saved -> orbax StepAlreadyExistsError"))
 def test_budget_stop_on_a_checkpointed_epoch(citeulike_file, tmp_path):
   from conftest import quick_config
   cfg = quick_config(citeulike_file, num_devices=1, warmup__epochs=2, distill__epochs=0,

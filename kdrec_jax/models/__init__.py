@@ -1,11 +1,14 @@
-"""Base recommenders. `make(cfg, num_users, num_items)` returns a `Model`: pure functions with the
-model's sizes bound, the interface every method and the train step use."""
+"""Base recommenders. `make(cfg, num_users, num_items, data)` returns a `Model`: pure functions with
+the model's sizes (and, for graph models, the training graph) bound, the interface every method and
+the train step use. Models: 'bpr_mf', 'neumf', 'lightgcn'."""
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable, NamedTuple
 
-from kdrec_jax.models import bpr_mf
+from kdrec_jax.models import bpr_mf, lightgcn, neumf
+
+NAMES = ("bpr_mf", "neumf", "lightgcn")
 
 
 class Model(NamedTuple):
@@ -31,7 +34,10 @@ def _bpr_cf_loss(params, users, pos, neg, weight):
 
 
 def make(cfg, num_users: int, num_items: int, data=None) -> Model:
-  """Builds the model named by `cfg.name` ('bpr_mf') with the sizes in `cfg`.
+  """Builds the model named by `cfg.name` (one of `NAMES`) with the sizes in `cfg`.
+
+  bpr_mf: dim, init_std (0.1). neumf: dim, mlp_dim (dim), mlp_layers ((2 dim, dim)), init_std
+  (0.01), item_chunk (4096). lightgcn: dim, num_layers (2), init_std (0.1); needs `data`.
 
   `data` (the training `Interactions`) is for models built on the interaction graph.
   """
@@ -42,4 +48,31 @@ def make(cfg, num_users: int, num_items: int, data=None) -> Model:
                                dim=cfg.dim, init_std=cfg.get("init_std", 0.1)),
         score=bpr_mf.score, score_all=bpr_mf.score_all,
         representations=bpr_mf.representations, cf_loss=_bpr_cf_loss)
-  raise ValueError(f"unknown model {cfg.name!r}; available: bpr_mf")
+  if cfg.name == "neumf":
+    mlp_dim = cfg.get("mlp_dim", cfg.dim)
+    layers = tuple(int(n) for n in cfg.get("mlp_layers", (2 * cfg.dim, cfg.dim)))
+    return Model(
+        name="neumf",
+        init=functools.partial(neumf.init, num_users=num_users, num_items=num_items,
+                               dim=cfg.dim, mlp_dim=mlp_dim, mlp_layers=layers,
+                               init_std=cfg.get("init_std", 0.01)),
+        score=neumf.score,
+        score_all=functools.partial(neumf.score_all, item_chunk=cfg.get("item_chunk", 4096)),
+        representations=neumf.representations, cf_loss=neumf.cf_loss)
+  if cfg.name == "lightgcn":
+    if data is None:
+      raise ValueError("model 'lightgcn' needs the training data: make(cfg, num_users, "
+                       "num_items, data=interactions)")
+    if (data.num_users, data.num_items) != (num_users, num_items):
+      raise ValueError(f"lightgcn: data has {data.num_users} users x {data.num_items} items, "
+                       f"expected {num_users} x {num_items}")
+    graph = lightgcn.build_graph(*data.split("train"), num_items=num_items)
+    bind = lambda f: functools.partial(f, graph=graph,  # noqa: E731
+                                       num_layers=int(cfg.get("num_layers", 2)))
+    return Model(
+        name="lightgcn",
+        init=functools.partial(lightgcn.init, num_users=num_users, num_items=num_items,
+                               dim=cfg.dim, init_std=cfg.get("init_std", 0.1)),
+        score=bind(lightgcn.score), score_all=bind(lightgcn.score_all),
+        representations=bind(lightgcn.representations), cf_loss=bind(lightgcn.cf_loss))
+  raise ValueError(f"unknown model {cfg.name!r}; available: {', '.join(NAMES)}")

@@ -1,0 +1,343 @@
+"""Tests for kdrec_jax.models: shapes, hand-checked forwards (NeuMF, LightGCN), gradients of
+cf_loss against finite differences, score_all vs score, a short training run on a real CiteULike
+sample against popularity, and the BD launcher end to end with each new model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO_ROOT
+from kdrec_jax import data as kdata
+from kdrec_jax import metrics, models
+from kdrec_jax.data import Interactions
+from kdrec_jax.models import lightgcn, neumf
+
+NAMES = ("bpr_mf", "neumf", "lightgcn")
+TINY_CFGS = {
+    "bpr_mf": dict(dim=4, init_std=0.3),
+    "neumf": dict(dim=3, mlp_dim=2, mlp_layers=(4, 3), init_std=0.3, item_chunk=3),
+    "lightgcn": dict(dim=4, num_layers=2, init_std=0.3),
+}
+
+
+def _cfg(name, **fields):
+  return ml_collections.ConfigDict(dict(name=name, **fields))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """6 users x 8 items (item 7 never seen in training)."""
+  train = [[0, 1, 2], [1, 3], [2, 4, 5], [0, 5, 6], [3], [1, 2, 4, 6]]
+  val = [[3], [], [6], [1], [0], [5]]
+  test = [[4], [0], [], [2], [7], [0]]
+  return Interactions.from_rows("tiny", 8, train, val, test)
+
+
+def _tiny_model(name, data, **overrides):
+  return models.make(_cfg(name, **dict(TINY_CFGS[name], **overrides)), data.num_users,
+                     data.num_items, data=data)
+
+
+# ---------------------------------------------------------------------------------------------
+# interface
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes(name, tiny):
+  model = _tiny_model(name, tiny)
+  assert model.name == name
+  params = model.init(jax.random.key(0))
+  users = jnp.array([0, 2, 5], jnp.int32)
+  items = jnp.array([1, 7, 3], jnp.int32)
+  assert model.score(params, users, items).shape == (3,)
+  assert model.score(params, users, jnp.tile(items, (3, 2))).shape == (3, 6)
+  assert model.score_all(params, users).shape == (3, tiny.num_items)
+  u, i = model.representations(params, users, items)
+  assert u.shape[0] == i.shape[0] == 3 and u.shape[-1] == i.shape[-1]
+  loss = model.cf_loss(params, users, items, items[::-1], jnp.ones(3))
+  assert loss.shape == () and np.isfinite(float(loss))
+
+
+def test_make_errors(tiny):
+  with pytest.raises(ValueError, match="bpr_mf, neumf, lightgcn"):
+    models.make(_cfg("nope", dim=2), 3, 4)
+  with pytest.raises(ValueError, match="needs the training data"):
+    models.make(_cfg("lightgcn", dim=2), tiny.num_users, tiny.num_items)
+
+
+def test_optional_fields_have_defaults(tiny):
+  m = models.make(_cfg("neumf", dim=4), tiny.num_users, tiny.num_items)
+  params = m.init(jax.random.key(0))
+  assert params["mlp_user"].shape == (tiny.num_users, 4)
+  assert [layer["w"].shape for layer in params["mlp"]] == [(8, 8), (8, 4)]
+  assert params["out"]["w"].shape == (8,)
+  m = models.make(_cfg("lightgcn", dim=4), tiny.num_users, tiny.num_items, data=tiny)
+  assert m.score_all(m.init(jax.random.key(0)), jnp.arange(2)).shape == (2, tiny.num_items)
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-checked forwards
+# ---------------------------------------------------------------------------------------------
+
+def _neumf_numpy(p, u, i):
+  """NeuMF with the explicit [a_u; b_i] concatenation."""
+  x = np.concatenate([p["mlp_user"][u], p["mlp_item"][i]])
+  for layer in p["mlp"]:
+    x = np.maximum(x @ layer["w"] + layer["b"], 0.0)
+  return np.concatenate([p["gmf_user"][u] * p["gmf_item"][i], x]) @ p["out"]["w"] + p["out"]["b"]
+
+
+def test_neumf_forward_by_hand():
+  # d = m = 1, layers (2, 1): user 0 / item 0 worked out on paper.
+  p = {"gmf_user": np.array([[2.0]]), "gmf_item": np.array([[3.0]]),
+       "mlp_user": np.array([[1.0]]), "mlp_item": np.array([[-1.0]]),
+       "mlp": [{"w": np.array([[1.0, 2.0], [3.0, -1.0]]), "b": np.array([0.5, 0.0])},
+               {"w": np.array([[1.0], [-2.0]]), "b": np.array([0.25])}],
+       "out": {"w": np.array([0.5, 2.0]), "b": np.array(0.1)}}
+  # layer 1: [1, -1] @ W = [-2, 3] + [0.5, 0] -> relu [0, 3]; layer 2: -6 + 0.25 -> relu 0
+  # logit: 0.5 * (2 * 3) + 2 * 0 + 0.1 = 3.1
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
+  z = neumf.score(params, jnp.array([0]), jnp.array([0]))
+  np.testing.assert_allclose(np.asarray(z), [3.1], rtol=1e-6)
+  assert _neumf_numpy(p, 0, 0) == pytest.approx(3.1)
+  p["mlp"][1]["b"] = np.array([7.0])  # layer 2: relu(1) = 1 -> logit 3 + 2 + 0.1
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
+  np.testing.assert_allclose(np.asarray(neumf.score(params, jnp.array([0]), jnp.array([0]))),
+                             [5.1], rtol=1e-6)
+
+
+def test_neumf_matches_numpy(tiny):
+  model = _tiny_model("neumf", tiny)
+  params = model.init(jax.random.key(1))
+  rng = np.random.default_rng(0)  # non-zero biases so every term is exercised
+  params["mlp"] = [dict(layer, b=jnp.asarray(rng.normal(0, 0.3, layer["b"].shape), jnp.float32))
+                   for layer in params["mlp"]]
+  params["out"]["b"] = jnp.float32(0.7)
+  p = jax.tree.map(np.asarray, params)
+  users = np.array([0, 1, 3, 5, 5])
+  items = np.array([7, 2, 0, 4, 6])
+  want = [_neumf_numpy(p, u, i) for u, i in zip(users, items)]
+  np.testing.assert_allclose(np.asarray(model.score(params, jnp.asarray(users),
+                                                    jnp.asarray(items))), want, rtol=1e-5,
+                             atol=1e-6)
+  user_repr, item_repr = model.representations(params, jnp.asarray(users), jnp.asarray(items))
+  np.testing.assert_array_equal(np.asarray(user_repr)[:, :3], p["gmf_user"][users])
+  np.testing.assert_array_equal(np.asarray(item_repr)[:, 3:], p["mlp_item"][items])
+
+
+def _dense_lightgcn(eu, ei, train_rows, num_layers):
+  """LightGCN with the dense (U+I) x (U+I) normalised adjacency."""
+  nu, ni = len(eu), len(ei)
+  a = np.zeros((nu + ni, nu + ni))
+  for u, row in enumerate(train_rows):
+    for i in row:
+      a[u, nu + i] = a[nu + i, u] = 1.0
+  deg = a.sum(1)
+  inv = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1e-12)), 0.0)
+  a_hat = inv[:, None] * a * inv[None, :]
+  e = np.concatenate([eu, ei])
+  layers = [e]
+  for _ in range(num_layers):
+    layers.append(a_hat @ layers[-1])
+  out = np.mean(layers, axis=0)
+  return out[:nu], out[nu:]
+
+
+def test_lightgcn_two_users_three_items():
+  # user 0 - items {0, 1}, user 1 - items {1, 2}: deg_u = (2, 2), deg_i = (1, 2, 1).
+  train = [[0, 1], [1, 2]]
+  data = Interactions.from_rows("g", 3, train, [[], []], [[], []])
+  graph = lightgcn.build_graph(*data.split("train"), num_items=3)
+  np.testing.assert_array_equal(np.asarray(graph["users"]), [0, 0, 1, 1])
+  np.testing.assert_array_equal(np.asarray(graph["items"]), [0, 1, 1, 2])
+  r = 1 / np.sqrt(2)
+  np.testing.assert_allclose(np.asarray(graph["weights"]), [r, 0.5, 0.5, r], rtol=1e-6)
+  eu = np.array([[1.0, 0.0], [0.0, 2.0]])
+  ei = np.array([[1.0, 1.0], [-1.0, 0.0], [0.0, 4.0]])
+  # One layer by hand: u0 = r*i0 + .5*i1 = (r - .5, r); i1 = .5*u0 + .5*u1 = (.5, 1).
+  params = {"user": jnp.asarray(eu, jnp.float32), "item": jnp.asarray(ei, jnp.float32)}
+  pu, pi = lightgcn.propagate(params, graph, num_layers=1)
+  np.testing.assert_allclose(np.asarray(pu)[0], (eu[0] + [r - 0.5, r]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(pi)[1], (ei[1] + [0.5, 1.0]) / 2, rtol=1e-6)
+  for num_layers in (0, 1, 3):
+    model = models.make(_cfg("lightgcn", dim=2, num_layers=num_layers), 2, 3, data=data)
+    want_u, want_i = _dense_lightgcn(eu, ei, train, num_layers)
+    got_u, got_i = model.representations(params, jnp.arange(2), jnp.arange(3))
+    np.testing.assert_allclose(np.asarray(got_u), want_u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_i), want_i, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.score_all(params, jnp.arange(2))),
+                               want_u @ want_i.T, rtol=1e-5, atol=1e-6)
+
+
+def test_lightgcn_matches_dense_on_tiny(tiny):
+  model = _tiny_model("lightgcn", tiny)  # users/items of degree 0 included (item 7)
+  params = model.init(jax.random.key(2))
+  indptr, indices = tiny.split("train")
+  rows = [indices[indptr[u]:indptr[u + 1]] for u in range(tiny.num_users)]
+  want_u, want_i = _dense_lightgcn(np.asarray(params["user"], np.float64),
+                                   np.asarray(params["item"], np.float64), rows, 2)
+  got = model.score_all(params, jnp.arange(tiny.num_users))
+  np.testing.assert_allclose(np.asarray(got), want_u @ want_i.T, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients and score_all
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cf_loss_gradient_matches_finite_differences(name, tiny):
+  model = _tiny_model(name, tiny)
+  users = jnp.array([0, 1, 2, 3, 5, 5], jnp.int32)
+  pos = jnp.array([1, 3, 4, 6, 2, 6], jnp.int32)
+  neg = jnp.array([7, 0, 1, 2, 3, 0], jnp.int32)
+  weight = jnp.array([1.0, 0.5, 1.0, 2.0, 1.0, 0.0])
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), model.init(jax.random.key(3)))
+    loss = jax.jit(lambda p: model.cf_loss(p, users, pos, neg, weight.astype(jnp.float64)))
+    grads = jax.grad(loss)(params)
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    eps = 1e-6
+    for _ in range(4):  # directional derivatives along random directions
+      v = treedef.unflatten([jnp.asarray(rng.normal(size=x.shape)) for x in leaves])
+      shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, v)  # noqa: E731
+      fd = (float(loss(shift(eps))) - float(loss(shift(-eps)))) / (2 * eps)
+      an = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(v)))
+      assert fd == pytest.approx(an, rel=1e-5, abs=1e-8)
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("name,overrides", [("bpr_mf", {}), ("lightgcn", {}),
+                                            ("neumf", {"item_chunk": 3}),
+                                            ("neumf", {"item_chunk": 8}),
+                                            ("neumf", {"item_chunk": 100})])
+def test_score_all_matches_score(name, overrides, tiny):
+  model = _tiny_model(name, tiny, **overrides)
+  params = model.init(jax.random.key(4))
+  users = jnp.array([5, 0, 3, 3], jnp.int32)
+  all_items = jnp.broadcast_to(jnp.arange(tiny.num_items, dtype=jnp.int32),
+                               (len(users), tiny.num_items))
+  np.testing.assert_allclose(np.asarray(jax.jit(model.score_all)(params, users)),
+                             np.asarray(model.score(params, users, all_items)), rtol=1e-5,
+                             atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning on real data
+# ---------------------------------------------------------------------------------------------
+
+SAMPLE_USERS = 1500
+
+
+@pytest.fixture(scope="module")
+def citeulike_sample():
+  """The shipped CiteULike-t restricted to its first SAMPLE_USERS users (items they touch)."""
+  full = kdata.load(kdata.default_data_config())
+  rows = {}
+  for s in ("train", "val", "test"):
+    indptr, indices = full.split(s)
+    rows[s] = [indices[indptr[u]:indptr[u + 1]] for u in range(SAMPLE_USERS)]
+  used = np.unique(np.concatenate([np.concatenate(r) for r in rows.values()]))
+  remap = np.full(full.num_items, -1, np.int64)
+  remap[used] = np.arange(len(used))
+  return Interactions.from_rows("citeulike-sample", len(used),
+                                *[[remap[r] for r in rows[s]] for s in ("train", "val", "test")])
+
+
+def _popularity_scores(popularity, users):
+  return jnp.broadcast_to(popularity, (users.shape[0], popularity.shape[0]))
+
+
+def _train_bpr(model, data, steps, batch_size, lr, weight_decay, seed=0):
+  """Adam (with coupled L2) on the summed BPR loss, uniform negatives: one jitted scan."""
+  users, items = (jnp.asarray(x) for x in data.train_pairs())
+  opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
+
+  @jax.jit
+  def run(params, key):
+    def step(carry, k):
+      params, opt_state = carry
+      k_idx, k_neg = jax.random.split(k)
+      idx = jax.random.randint(k_idx, (batch_size,), 0, users.shape[0])
+      neg = jax.random.randint(k_neg, (batch_size,), 0, data.num_items)
+      loss, g = jax.value_and_grad(model.cf_loss)(params, users[idx], items[idx], neg,
+                                                  jnp.ones(batch_size))
+      updates, opt_state = opt.update(g, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss / batch_size
+    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)),
+                                       jax.random.split(key, steps))
+    return params, losses
+
+  return run(model.init(jax.random.key(seed)), jax.random.key(seed + 1))
+
+
+TRAIN_SETTINGS = {  # (model fields, steps, batch, lr, weight decay)
+    "bpr_mf": (dict(dim=32, init_std=0.1), 500, 512, 1e-2, 1e-2),
+    "neumf": (dict(dim=16, mlp_dim=16, mlp_layers=(32, 16), init_std=0.01), 500, 512, 1e-2, 1e-2),
+    "lightgcn": (dict(dim=32, num_layers=2, init_std=0.1), 400, 512, 1e-2, 1e-3),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_beats_popularity(name, citeulike_sample):
+  data = citeulike_sample
+  fields, steps, batch, lr, wd = TRAIN_SETTINGS[name]
+  model = models.make(_cfg(name, **fields), data.num_users, data.num_items, data=data)
+  params, losses = _train_bpr(model, data, steps, batch, lr, wd)
+  losses = np.asarray(losses)
+  assert np.all(np.isfinite(losses)) and losses[-50:].mean() < 0.5 * losses[:10].mean()
+  ks, chunk = (20,), 500
+  got = metrics.evaluate(model.score_all, params, data, "val", ks=ks, chunk_size=chunk)
+  pop = metrics.evaluate(_popularity_scores, jnp.asarray(data.item_popularity, jnp.float32),
+                         data, "val", ks=ks, chunk_size=chunk)
+  print(f"{name}: val NDCG@20 {got['NDCG@20']:.4f} vs popularity {pop['NDCG@20']:.4f}")
+  assert got["NDCG@20"] > pop["NDCG@20"]
+
+
+# ---------------------------------------------------------------------------------------------
+# BD through the launcher
+# ---------------------------------------------------------------------------------------------
+
+def _write_users_dat(path, num_users=100, num_items=150, seed=0):
+  rng = np.random.default_rng(seed)
+  lines = []
+  for u in range(num_users):
+    n = int(rng.integers(6, 21))
+    # two taste groups so there is something to learn; every item id occurs
+    pool = np.arange(u % 2, num_items, 2)
+    chosen = rng.choice(pool, n, replace=False)
+    lines.append(" ".join(str(x) for x in [n, *chosen]))
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("config", ["bd_neumf_citeulike.py", "bd_lightgcn_citeulike.py"])
+def test_bd_launcher_end_to_end(config, tmp_path):
+  data_path = _write_users_dat(tmp_path / "users.dat")
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "launch.train",
+         f"--config={os.path.join('configs', config)}:quick", f"--workdir={workdir}",
+         f"--config.data.path={data_path}", "--config.warmup.epochs=1",
+         "--config.distill.epochs=1", "--config.method.refresh_every=1",
+         "--config.batch_size=32", "--config.eval.chunk_size=64"]
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert set(results["phases"]) == {"warmup", "distill", "control"}
+  for phase in results["phases"].values():
+    for m in ("teacher", "student"):
+      assert np.isfinite(phase[m]["test"]["NDCG@10"])
+  want = "neumf" if "neumf" in config else "lightgcn"
+  assert results["config"]["teacher"]["name"] == results["config"]["student"]["name"] == want
