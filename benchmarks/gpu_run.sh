@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One device call: GPU benchmark rows, then the full reference BD schedule (with the control).
-# Run from the repository root on the GPU machine: bash benchmarks/gpu_run.sh  (OUT: output dir)
+# One device call for the GPU figures. Run from the repository root on the GPU machine, with the
+# ml_collections wheel carried in .whl/ (see the device tool's README); OUT: output folder.
+#   bash benchmarks/gpu_run.sh [bench] [cmdbuf] [full]     (default: bench full)
+#   bench:  benchmark rows (python3 -m benchmarks.bench_bd)
+#   cmdbuf: the same rows with while-loop bodies captured as CUDA graphs (command buffers)
+#   full:   the whole reference schedule with the control, timed end to end
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -10,11 +14,19 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi -L | tee "$OUT/hardware.txt"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/hardware.txt"
-python3 -m benchmarks.bench_bd --repeats 5 --out "$OUT/bench_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -25
-rm -rf /tmp/full
-start=$(date +%s)
-python3 -m launch.train --config configs/bd_bpr_citeulike.py --workdir /tmp/full 2>&1 \
-  | tee "$OUT/full_schedule.log" | grep -E "done|epoch (100|500|1000)/|error|Error" 
-end=$(date +%s)
-echo "full schedule wall seconds: $((end - start))" | tee -a "$OUT/full_schedule.log"
-cp /tmp/full/results.json /tmp/full/metrics.jsonl "$OUT/" 2>/dev/null
+[ $# -gt 0 ] || set -- bench full
+for what in "$@"; do
+  case "$what" in
+    bench) python3 -m benchmarks.bench_bd --repeats 3 --out "$OUT/bench_gpu.json" 2>&1 \
+             | grep -v "^[IW]1" | tail -14 ;;
+    cmdbuf) XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+             python3 -m benchmarks.bench_bd --repeats 3 --out "$OUT/bench_gpu_cmdbuf.json" 2>&1 \
+             | grep -v "^[IW]1" | tail -14 ;;
+    full) rm -rf /tmp/full; start=$(date +%s)
+          python3 -m launch.train --config configs/bd_bpr_citeulike.py --workdir /tmp/full 2>&1 \
+            | tee "$OUT/full_schedule.log" | grep -E "done|epoch (500|1000)/|rror"
+          echo "full schedule wall seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/full_schedule.log"
+          cp /tmp/full/results.json /tmp/full/metrics.jsonl "$OUT/" ;;
+    *) echo "unknown section $what" >&2; exit 2 ;;
+  esac
+done
