@@ -28,11 +28,6 @@ class Model(NamedTuple):
   cf_loss: Callable
 
 
-def _bpr_cf_loss(params, users, pos, neg, weight):
-  return bpr_mf.bpr_loss(bpr_mf.score(params, users, pos), bpr_mf.score(params, users, neg),
-                         weight)
-
-
 def make(cfg, num_users: int, num_items: int, data=None) -> Model:
   """Builds the model named by `cfg.name` (one of `NAMES`) with the sizes in `cfg`.
 
@@ -47,7 +42,7 @@ def make(cfg, num_users: int, num_items: int, data=None) -> Model:
         init=functools.partial(bpr_mf.init, num_users=num_users, num_items=num_items,
                                dim=cfg.dim, init_std=cfg.get("init_std", 0.1)),
         score=bpr_mf.score, score_all=bpr_mf.score_all,
-        representations=bpr_mf.representations, cf_loss=_bpr_cf_loss)
+        representations=bpr_mf.representations, cf_loss=bpr_mf.cf_loss)
   if cfg.name == "neumf":
     mlp_dim = cfg.get("mlp_dim", cfg.dim)
     layers = tuple(int(n) for n in cfg.get("mlp_layers", (2 * cfg.dim, cfg.dim)))

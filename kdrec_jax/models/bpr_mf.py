@@ -36,3 +36,9 @@ def representations(params, users: jax.Array, items: jax.Array):
 def bpr_loss(pos_scores: jax.Array, neg_scores: jax.Array, weight: jax.Array) -> jax.Array:
   """Summed BPR loss, -sum_b w_b log sigma(z_ui - z_uj)."""
   return -jnp.sum(weight * jax.nn.log_sigmoid(pos_scores - neg_scores))
+
+
+def cf_loss(params, users: jax.Array, pos: jax.Array, neg: jax.Array, weight: jax.Array
+            ) -> jax.Array:
+  """The model's own loss: summed BPR with the given negatives."""
+  return bpr_loss(score(params, users, pos), score(params, users, neg), weight)
