@@ -53,11 +53,11 @@ def main(argv):
                                      jax.sharding.NamedSharding(exp.mesh, jax.P()))
     step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
                                  exp.data.num_items)
-    epoch, steps = train.make_epoch(step, exp.mesh, exp.data.num_train, cfg.batch_size)
+    epoch, steps = train.make_epoch(step, exp.mesh, exp.num_examples, cfg.batch_size)
     counter = iter(range(10**6))
 
     def run():
-      holder["state"], m = epoch(holder["state"], exp.users, exp.items,
+      holder["state"], m = epoch(holder["state"], exp.examples,
                                  jax.random.key(next(counter)))
       return holder["state"]["step"], m
 

@@ -54,22 +54,45 @@ def init_state(key, models, optimizers) -> dict:
   return state
 
 
+def batching_of(models) -> str:
+  """The batching ('pairs' or 'users') that teacher and student share; a clear error if not."""
+  kinds = {models[m].batching for m in MODELS}
+  if len(kinds) != 1:
+    raise ValueError("teacher and student must train on the same batches; got "
+                     + ", ".join(f"{m} {models[m].name!r} ({models[m].batching})" for m in MODELS))
+  return kinds.pop()
+
+
 def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.DeviceCSR,
                     num_items: int):
   """Per-device `train_step(state, batch, key) -> (state, metrics)`.
 
-  batch: {'user', 'pos', 'index' (int32 [B], position in the epoch, for per-example keys),
-  'weight' (float32 [B], 0 for padding)}. Losses are sums over the global batch.
+  batch: {'user' (int32 [B]), 'pos' (int32 [B], pair batching only), 'index' (int32 [B],
+  position in the epoch, for per-example keys), 'weight' (float32 [B], 0 for padding)}.
+  Losses are sums over the global batch.
   """
+  by_users = batching_of(models) == "users"
+  row_len = train_csr.indptr[1:] - train_csr.indptr[:-1]
+
+  def negatives(m, keys, users, pos_mask):
+    if not by_users:  # one uniform unobserved item per pair
+      return ranking.uniform_negatives(keys, users, train_csr, num_items)
+    # num_negatives draws per positive, uniform over the unobserved items, as a 0/1 mask.
+    return ranking.draws_mask(keys, (~pos_mask).astype(jnp.float32),
+                              models[m].num_negatives * row_len[users])[0]
 
   def train_step(state, batch, key):
     key = jax.random.fold_in(key, state["step"])
-    users, pos, weight = batch["user"], batch["pos"], batch["weight"]
+    users, weight = batch["user"], batch["weight"]
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["index"])
     k_neg_t, k_neg_s, k_method = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys),
                                               1, 0)
-    negs = {"teacher": ranking.uniform_negatives(k_neg_t, users, train_csr, num_items),
-            "student": ranking.uniform_negatives(k_neg_s, users, train_csr, num_items)}
+    k_neg, k_fwd, pos_mask = {"teacher": k_neg_t, "student": k_neg_s}, {}, None
+    if by_users:
+      pos_mask = sparse.row_mask(train_csr, users, num_items)
+      for m in MODELS:
+        k_neg[m], k_fwd[m] = jnp.moveaxis(jax.vmap(jax.random.split)(k_neg[m]), 1, 0)
+    negs = {m: negatives(m, k_neg[m], users, pos_mask) for m in MODELS}
     samples = method.sample(state["method"], users, k_method) if phase.distill else None
     if phase.distill and method.cf_negatives is not None:
       negs = method.cf_negatives(samples, negs)
@@ -80,12 +103,18 @@ def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.
     scale = jax.lax.axis_size(AXIS)
 
     def loss_fn(params):
+      # What the losses read: the params (pair models) or one training-mode forward per user.
+      out = ({m: models[m].forward(params[m], users, k_fwd[m]) for m in MODELS} if by_users
+             else params)
       losses, aux = {}, {}
       for m in MODELS:
-        losses[m] = models[m].cf_loss(params[m], users, pos, negs[m], weight)
+        if by_users:
+          losses[m] = models[m].cf_loss(out[m], pos_mask, negs[m], weight)
+        else:
+          losses[m] = models[m].cf_loss(out[m], users, batch["pos"], negs[m], weight)
         aux[f"cf_{m}"] = losses[m]
       if phase.distill:
-        kd, kd_aux = method.loss(params, users, weight, samples)
+        kd, kd_aux = method.loss(out, users, weight, samples)
         aux.update(kd_aux)
         for m in MODELS:
           losses[m] = losses[m] + kd[m]
@@ -130,8 +159,10 @@ def p_train_step(train_step, mesh):
 
 
 def make_epoch(train_step, mesh, num_train: int, batch_size: int):
-  """`epoch(state, users, items, key) -> (state, metrics)`: a shuffled pass over all training
-  pairs as one jitted `lax.scan` of the sharded step. The last batch is padded (weight 0)."""
+  """`epoch(state, examples, key) -> (state, metrics)`: a shuffled pass over all `num_train`
+  training examples (`examples`: {field: [num_train]}, e.g. {'user', 'pos'} for pairs or {'user'}
+  for user batches) as one jitted `lax.scan` of the sharded step. The last batch is padded
+  (weight 0)."""
   n_dev = mesh.devices.size
   if batch_size % n_dev:
     raise ValueError(f"batch_size {batch_size} is not divisible by {n_dev} devices")
@@ -147,18 +178,17 @@ def make_epoch(train_step, mesh, num_train: int, batch_size: int):
                                out_specs=(P(), P()), check_vma=False)
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def epoch(state, users, items, key):
+  def epoch(state, examples, key):
     k_perm, k_steps = jax.random.split(key)
     perm = jax.random.permutation(k_perm, num_train)
     pad = steps * batch_size - num_train
     idx = jnp.concatenate([perm, jnp.zeros(pad, perm.dtype)]).astype(jnp.int32)
-    batches = {
-        "user": users[idx].reshape(steps, batch_size),
-        "pos": items[idx].reshape(steps, batch_size),
+    batches = {k: v[idx].reshape(steps, batch_size) for k, v in examples.items()}
+    batches.update({
         "index": jnp.arange(steps * batch_size, dtype=jnp.int32).reshape(steps, batch_size),
         "weight": (jnp.arange(steps * batch_size) < num_train).astype(jnp.float32
                                                                       ).reshape(steps, batch_size),
-    }
+    })
     state, metrics = sharded_scan(state, batches, k_steps)
     return state, jax.tree.map(jnp.sum, metrics)
 
@@ -223,8 +253,13 @@ class Experiment:
     self.method = kmethods.make(config.method, self.models, d)
     self.mesh = make_mesh(config.num_devices)
     self.train_csr = sparse.DeviceCSR.from_numpy(*d.split("train"))
-    users, items = d.train_pairs()
-    self.users, self.items = jnp.asarray(users), jnp.asarray(items)
+    if batching_of(self.models) == "users":  # every user with a training row, once per epoch
+      users = np.flatnonzero(np.diff(d.split("train")[0])).astype(np.int32)
+      self.examples = {"user": jnp.asarray(users)}
+    else:
+      users, items = d.train_pairs()
+      self.examples = {"user": jnp.asarray(users), "pos": jnp.asarray(items)}
+    self.num_examples = len(self.examples["user"])
     ev = config.eval
     self.evaluators = {
         split: kmetrics.Evaluator(d, split=split, ks=tuple(ev.ks), chunk_size=ev.chunk_size,
@@ -344,7 +379,7 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
   state = jax.device_put(state, replicated)
   step_fn = make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
                             exp.data.num_items)
-  run_epoch, _ = make_epoch(step_fn, exp.mesh, exp.data.num_train, config.batch_size)
+  run_epoch, _ = make_epoch(step_fn, exp.mesh, exp.num_examples, config.batch_size)
   t_phase = t_log = time.time()
   logged_epoch = epoch
   while epoch < pcfg.epochs:
@@ -355,7 +390,7 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
       state["snapshot"] = _snapshot(state)
       state["method"] = exp.refresh(state["snapshot"])
       state = jax.device_put(state, replicated)
-    state, metrics = run_epoch(state, exp.users, exp.items, jax.random.fold_in(phase_key, epoch))
+    state, metrics = run_epoch(state, exp.examples, jax.random.fold_in(phase_key, epoch))
     epoch += 1
     if budget[0] is not None:
       budget[0] -= 1

@@ -268,3 +268,34 @@ def test_bd_cf_negatives_notebook_switch():
   np.testing.assert_array_equal(np.asarray(negs["student"]), [13, 8])
   with pytest.raises(ValueError, match="bpr_negative"):
     methods.make(bd_config(bpr_negative="nope"), mods, data)
+
+
+def test_bd_loss_user_batches_matches_numpy():
+  """User-batched models (CDAE): BCE over each user's 0/1 masks of BD items, read from the
+  training-mode logits of the whole row."""
+  data = tiny_data()
+  mcfg = lambda d: ml_collections.ConfigDict(dict(name="cdae", dim=d))  # noqa: E731
+  mods = {m: models.make(mcfg(d), data.num_users, data.num_items, data=data)
+          for m, d in (("teacher", 4), ("student", 2))}
+  cfg = bd_config(tau=2.0)
+  method = methods.make(cfg, mods, data)
+  rng = np.random.default_rng(3)
+  b = 4
+  logits = {m: jnp.asarray(rng.normal(0, 2, (b, data.num_items)), jnp.float32) for m in mods}
+  weight = jnp.array([1.0, 0.0, 1.0, 2.0])
+  samples = {m: (jnp.asarray(rng.random((b, data.num_items)) < 0.3, jnp.float32),
+                 jnp.array([True, True, False, True])) for m in mods}
+  users = jnp.array([0, 1, 2, 3], jnp.int32)
+  out, aux = jax.jit(method.loss)(logits, users, weight, samples)
+  for learner, guide, lam in (("student", "teacher", cfg.lambda_ts),
+                              ("teacher", "student", cfg.lambda_st)):
+    mask, valid = (np.asarray(x, np.float64) for x in samples[learner])
+    z_l, z_g = (np.asarray(logits[m], np.float64) for m in (learner, guide))
+    w = (np.asarray(weight) * valid)[:, None] * mask
+    bce = np.sum(w * _bce(z_l, _sigmoid(z_g / cfg.tau)))
+    np.testing.assert_allclose(float(out[learner]), lam * bce, rtol=1e-5)
+    np.testing.assert_allclose(float(aux[f"bd_{learner}"]), bce, rtol=1e-5)
+  g = jax.grad(lambda z: method.loss(z, users, weight, samples)[0]["student"])(logits)
+  np.testing.assert_array_equal(np.asarray(g["teacher"]), 0.0)  # the guide is stop-gradient
+  with pytest.raises(ValueError, match="pair-batched"):
+    methods.make(bd_config(bpr_negative="bd_sample"), mods, data)

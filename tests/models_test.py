@@ -1,4 +1,4 @@
-"""Tests for kdrec_jax.models: shapes, hand-checked forwards (NeuMF, LightGCN), gradients of
+"""Tests for kdrec_jax.models: shapes, hand-checked forwards (NeuMF, LightGCN, CDAE), gradients of
 cf_loss against finite differences, score_all vs score, a short training run on a real CiteULike
 sample against popularity, and the BD launcher end to end with each new model."""
 from __future__ import annotations
@@ -17,15 +17,17 @@ import pytest
 
 from conftest import REPO_ROOT
 from kdrec_jax import data as kdata
-from kdrec_jax import metrics, models
+from kdrec_jax import metrics, models, ranking, sparse
 from kdrec_jax.data import Interactions
-from kdrec_jax.models import lightgcn, neumf
+from kdrec_jax.models import cdae, lightgcn, neumf
 
-NAMES = ("bpr_mf", "neumf", "lightgcn")
+PAIR_NAMES = ("bpr_mf", "neumf", "lightgcn")  # trained on (user, positive) pairs
+NAMES = PAIR_NAMES + ("cdae",)                # cdae: on users
 TINY_CFGS = {
     "bpr_mf": dict(dim=4, init_std=0.3),
     "neumf": dict(dim=3, mlp_dim=2, mlp_layers=(4, 3), init_std=0.3, item_chunk=3),
     "lightgcn": dict(dim=4, num_layers=2, init_std=0.3),
+    "cdae": dict(dim=3, dropout=0.5, num_negatives=2, init_std=0.5),
 }
 
 
@@ -61,9 +63,15 @@ def test_shapes(name, tiny):
 
   @jax.jit
   def outputs(params):
+    if model.batching == "users":
+      logits = model.forward(params, users, jax.random.split(jax.random.key(1), 3))
+      assert logits.shape == (3, tiny.num_items)
+      mask = jax.nn.one_hot(items, tiny.num_items)
+      loss = model.cf_loss(logits, mask, mask[::-1], jnp.ones(3))
+    else:
+      loss = model.cf_loss(params, users, items, items[::-1], jnp.ones(3))
     return (model.score(params, users, items), model.score(params, users, jnp.tile(items, (3, 2))),
-            model.score_all(params, users), model.representations(params, users, items),
-            model.cf_loss(params, users, items, items[::-1], jnp.ones(3)))
+            model.score_all(params, users), model.representations(params, users, items), loss)
 
   pairs, lists, every, (u, i), loss = outputs(params)
   assert pairs.shape == (3,) and lists.shape == (3, 6) and every.shape == (3, tiny.num_items)
@@ -72,10 +80,13 @@ def test_shapes(name, tiny):
 
 
 def test_make_errors(tiny):
-  with pytest.raises(ValueError, match="bpr_mf, neumf, lightgcn"):
+  with pytest.raises(ValueError, match="bpr_mf, neumf, lightgcn, cdae"):
     models.make(_cfg("nope", dim=2), 3, 4)
-  with pytest.raises(ValueError, match="needs the training data"):
-    models.make(_cfg("lightgcn", dim=2), tiny.num_users, tiny.num_items)
+  for name in ("lightgcn", "cdae"):
+    with pytest.raises(ValueError, match="needs the training data"):
+      models.make(_cfg(name, dim=2), tiny.num_users, tiny.num_items)
+    with pytest.raises(ValueError, match="expected 7 x 8"):
+      models.make(_cfg(name, dim=2), 7, tiny.num_items, data=tiny)
 
 
 def test_optional_fields_have_defaults(tiny):
@@ -194,11 +205,90 @@ def test_lightgcn_matches_dense_on_tiny(tiny):
   np.testing.assert_allclose(np.asarray(got), want_u @ want_i.T, rtol=1e-4, atol=1e-6)
 
 
+def _cdae_numpy(p, rows, users):
+  """CDAE logits [B, I] from dense (possibly dropped and rescaled) input rows, in float64."""
+  pre = rows @ p["enc"]["w"] + p["enc"]["b"] + p["user"][users]
+  return (1 / (1 + np.exp(-pre))) @ p["dec"]["w"] + p["dec"]["b"]
+
+
+def test_cdae_forward_by_hand():
+  # 1 user x 2 items, d = 1, the user's row is {item 1}:
+  # pre = w_enc[1] + b_enc + v_u = 2 + 0.5 - 1 = 1.5, h = sigmoid(1.5); z = (3h + 0.1, -h + 0.2).
+  data = Interactions.from_rows("one", 2, [[1]], [[0]], [[]])
+  model = models.make(_cfg("cdae", dim=1, dropout=0.0), 1, 2, data=data)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  params = {"enc": {"w": f32([[1.0], [2.0]]), "b": f32([0.5])}, "user": f32([[-1.0]]),
+            "dec": {"w": f32([[3.0, -1.0]]), "b": f32([0.1, 0.2])}}
+  h = 1 / (1 + np.exp(-1.5))
+  want = [3 * h + 0.1, -h + 0.2]
+  np.testing.assert_allclose(np.asarray(model.score_all(params, jnp.array([0])))[0], want,
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(model.score(params, jnp.array([0, 0]), jnp.array([0, 1]))),
+                             want, rtol=1e-6)
+  np.testing.assert_allclose(  # no dropout: the training forward is the model itself
+      np.asarray(model.forward(params, jnp.array([0]), jax.random.split(jax.random.key(0), 1))),
+      [want], rtol=1e-6)
+  # BCE on positive item 1 and negative item 0: softplus(-z_1) + softplus(z_0).
+  loss = cdae.cf_loss(f32([want]), f32([[0, 1]]), f32([[1, 0]]), f32([2.0]))
+  assert float(loss) == pytest.approx(2 * (np.log1p(np.exp(-want[1])) + np.log1p(np.exp(want[0]))),
+                                      rel=1e-6)
+
+
+def test_cdae_dropout_matches_numpy(tiny):
+  model = _tiny_model("cdae", tiny)
+  params = model.init(jax.random.key(5))
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  users = jnp.array([0, 3, 5, 5], jnp.int32)
+  keys = jax.random.split(jax.random.key(6), 4)
+  rows = np.asarray(sparse.row_mask(sparse.DeviceCSR.from_numpy(*tiny.split("train")), users,
+                                    tiny.num_items), np.float64)
+  np.testing.assert_allclose(np.asarray(model.score_all(params, users)),
+                             _cdae_numpy(p, rows, np.asarray(users)), rtol=1e-5, atol=1e-6)
+  keep = np.asarray(ranking.uniform_rows(keys, tiny.num_items)) >= 0.5
+  want = _cdae_numpy(p, rows * keep / 0.5, np.asarray(users))
+  got = np.asarray(jax.jit(model.forward)(params, users, keys))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The two rows of user 5 drop different inputs (one key per row).
+  assert not np.array_equal(got[2], got[3])
+  # Over many rows, each input survives with probability 1 - dropout.
+  many = np.asarray(ranking.uniform_rows(jax.random.split(jax.random.key(7), 4000), 8)) >= 0.5
+  assert many.mean() == pytest.approx(0.5, abs=0.01)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradients and score_all
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
+def _assert_gradient_matches_finite_differences(loss, params, rng):
+  grads = jax.jit(jax.grad(loss))(params)
+  leaves, treedef = jax.tree.flatten(params)
+  eps = 1e-6
+  for _ in range(4):  # directional derivatives along random directions
+    v = treedef.unflatten([rng.normal(size=x.shape) for x in leaves])
+    shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, v)  # noqa: E731
+    fd = (float(loss(shift(eps))) - float(loss(shift(-eps)))) / (2 * eps)
+    an = sum(np.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(v)))
+    assert fd == pytest.approx(an, rel=1e-5, abs=1e-8)
+  assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_cdae_loss_gradient_matches_finite_differences(tiny):
+  """Through the training forward (dropout with fixed keys) and the masked BCE."""
+  model = _tiny_model("cdae", tiny)
+  users = jnp.array([0, 2, 3, 5], jnp.int32)
+  keys = jax.random.split(jax.random.key(8), 4)
+  rng = np.random.default_rng(1)
+  pos = np.asarray(sparse.row_mask(sparse.DeviceCSR.from_numpy(*tiny.split("train")), users,
+                                   tiny.num_items), np.float64)
+  neg = (rng.random(pos.shape) < 0.4) * (1 - pos)
+  weight = np.array([1.0, 0.5, 2.0, 0.0])
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), model.init(jax.random.key(3)))
+    loss = jax.jit(lambda p: model.cf_loss(model.forward(p, users, keys), pos, neg, weight))
+    _assert_gradient_matches_finite_differences(loss, params, rng)
+
+
+@pytest.mark.parametrize("name", PAIR_NAMES)
 def test_cf_loss_gradient_matches_finite_differences(name, tiny):
   model = _tiny_model(name, tiny)
   users = jnp.array([0, 1, 2, 3, 5, 5], jnp.int32)
@@ -211,19 +301,10 @@ def test_cf_loss_gradient_matches_finite_differences(name, tiny):
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape), params)
     loss = jax.jit(lambda p: model.cf_loss(p, users, pos, neg, weight.astype(jnp.float64)))
-    grads = jax.jit(jax.grad(loss))(params)
-    leaves, treedef = jax.tree.flatten(params)
-    eps = 1e-6
-    for _ in range(4):  # directional derivatives along random directions
-      v = treedef.unflatten([rng.normal(size=x.shape) for x in leaves])
-      shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, v)  # noqa: E731
-      fd = (float(loss(shift(eps))) - float(loss(shift(-eps)))) / (2 * eps)
-      an = sum(np.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(v)))
-      assert fd == pytest.approx(an, rel=1e-5, abs=1e-8)
-    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+    _assert_gradient_matches_finite_differences(loss, params, rng)
 
 
-@pytest.mark.parametrize("name,overrides", [("bpr_mf", {}), ("lightgcn", {}),
+@pytest.mark.parametrize("name,overrides", [("bpr_mf", {}), ("lightgcn", {}), ("cdae", {}),
                                             ("neumf", {"item_chunk": 3}),
                                             ("neumf", {"item_chunk": 8}),
                                             ("neumf", {"item_chunk": 100})])
@@ -287,10 +368,39 @@ def _train_bpr(model, data, steps, batch_size, lr, weight_decay, seed=0):
   return run(model.init(jax.random.key(seed)), jax.random.key(seed + 1))
 
 
+def _train_cdae(model, data, steps, batch_size, lr, weight_decay, seed=0):
+  """Adam (with coupled L2) on CDAE's loss over random user batches: one jitted scan."""
+  train = sparse.DeviceCSR.from_numpy(*data.split("train"))
+  row_len = jnp.asarray(np.diff(data.split("train")[0]))
+  opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
+
+  @jax.jit
+  def run(params, key):
+    def step(carry, k):
+      params, opt_state = carry
+      k_idx, k_neg, k_drop = jax.random.split(k, 3)
+      users = jax.random.randint(k_idx, (batch_size,), 0, data.num_users)
+      pos = sparse.row_mask(train, users, data.num_items)
+      neg, _ = ranking.draws_mask(jax.random.split(k_neg, batch_size),
+                                  (~pos).astype(jnp.float32), model.num_negatives * row_len[users])
+      def loss_fn(p):
+        logits = model.forward(p, users, jax.random.split(k_drop, batch_size))
+        return model.cf_loss(logits, pos, neg, jnp.ones(batch_size))
+      loss, g = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = opt.update(g, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss / batch_size
+    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)),
+                                       jax.random.split(key, steps))
+    return params, losses
+
+  return run(model.init(jax.random.key(seed)), jax.random.key(seed + 1))
+
+
 TRAIN_SETTINGS = {  # (model fields, steps, batch, lr, weight decay)
     "bpr_mf": (dict(dim=32, init_std=0.1), 400, 512, 1e-2, 1e-2),
     "neumf": (dict(dim=16, mlp_dim=16, mlp_layers=(32, 16), init_std=0.01), 400, 512, 1e-2, 1e-2),
     "lightgcn": (dict(dim=32, num_layers=2, init_std=0.1), 200, 512, 1e-2, 1e-3),
+    "cdae": (dict(dim=32, dropout=0.5, num_negatives=5), 300, 128, 1e-2, 1e-4),
 }
 
 
@@ -299,7 +409,8 @@ def test_training_beats_popularity(name, citeulike_sample):
   data = citeulike_sample
   fields, steps, batch, lr, wd = TRAIN_SETTINGS[name]
   model = models.make(_cfg(name, **fields), data.num_users, data.num_items, data=data)
-  params, losses = _train_bpr(model, data, steps, batch, lr, wd)
+  trainer = _train_cdae if model.batching == "users" else _train_bpr
+  params, losses = trainer(model, data, steps, batch, lr, wd)
   losses = np.asarray(losses)
   assert np.all(np.isfinite(losses)) and losses[-50:].mean() < 0.5 * losses[:10].mean()
   ks, chunk = (20,), 500
@@ -335,7 +446,7 @@ def test_bd_launcher_end_to_end(tmp_path):
   data_path = _write_users_dat(tmp_path / "users.dat")
   env = dict(os.environ, XLA_FLAGS="")  # one CPU device: no fake-device slowdown
   runs = {}
-  for name in ("neumf", "lightgcn"):
+  for name in ("neumf", "lightgcn", "cdae"):
     workdir = tmp_path / name
     cmd = [sys.executable, "-m", "launch.train",
            f"--config=configs/bd_{name}_citeulike.py:quick", f"--workdir={workdir}",

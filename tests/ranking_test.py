@@ -305,8 +305,8 @@ def test_bd_sampler_frequencies(mode):
   if cfg.table_budget_mb == 0:
     assert set(state) == {"snapshot"}
   else:
-    assert set(state) == {"cdf_student", "cdf_teacher"}
-    assert state["cdf_student"].shape == (data.num_users, data.num_items)
+    assert set(state) == {"table_student", "table_teacher"}
+    assert state["table_student"].shape == (data.num_users, data.num_items)
   test_users = (0, 4)
   n = 30_000
   users = jnp.asarray(np.repeat(test_users, n).astype(np.int32))
@@ -331,7 +331,122 @@ def test_bd_refresh_tables_hold_cumulative_weights():
     tables = jax.jit(method_t.refresh)(snapshot)
   for u in range(data.num_users):
     w_student, w_teacher, _ = np_bd_weights(data, snapshot, cfg, u)
-    np.testing.assert_allclose(np.diff(np.asarray(tables["cdf_student"][u]), prepend=0),
+    np.testing.assert_allclose(np.diff(np.asarray(tables["table_student"][u]), prepend=0),
                                w_student, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.diff(np.asarray(tables["cdf_teacher"][u]), prepend=0),
+    np.testing.assert_allclose(np.diff(np.asarray(tables["table_teacher"][u]), prepend=0),
                                w_teacher, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# dense per-item masks (user-batched models)
+# ---------------------------------------------------------------------------------------------
+
+def assert_inclusion(mask: np.ndarray, q: np.ndarray) -> None:
+  """Rows of a 0/1 `mask` [n, N] include item i independently with probability q[i]: items with
+  q = 0 never, q = 1 always, the rest within 4.5 binomial standard errors."""
+  n = mask.shape[0]
+  freq = mask.mean(axis=0)
+  assert np.all(freq[q == 0] == 0) and np.all(freq[q == 1] == 1)
+  mid = (q > 0) & (q < 1)
+  z = (freq[mid] - q[mid]) / np.sqrt(q[mid] * (1 - q[mid]) / n)
+  assert np.abs(z).max() < 4.5, (freq[mid], q[mid])
+
+
+def test_uniform_rows_are_uniform_and_keyed():
+  keys = jax.random.split(jax.random.key(0), 64)
+  u = np.asarray(ranking.uniform_rows(keys, 5000), np.float64)
+  assert u.shape == (64, 5000) and u.min() >= 0 and u.max() < 1
+  np.testing.assert_array_equal(u, np.asarray(ranking.uniform_rows(keys, 5000)))  # keyed
+  assert not np.array_equal(u[0], u[1])
+  counts = np.bincount((u * 20).astype(int).ravel(), minlength=20)
+  expected = u.size / 20
+  assert np.sum((counts - expected) ** 2 / expected) < CHI2_999[19]
+  # No linear dependence between neighbouring columns or rows (|r| < 5 standard errors).
+  se = 1 / np.sqrt(u.size)
+  assert abs(np.corrcoef(u[:, :-1].ravel(), u[:, 1:].ravel())[0, 1]) < 5 * se
+  assert abs(np.corrcoef(u[:-1].ravel(), u[1:].ravel())[0, 1]) < 5 * se
+  # Pairs of neighbouring columns fill a 5 x 5 grid evenly (a joint test of two coordinates).
+  cells = (u[:, :-1:2] * 5).astype(int) * 5 + (u[:, 1::2] * 5).astype(int)
+  counts = np.bincount(cells.ravel(), minlength=25)
+  expected = cells.size / 25
+  assert np.sum((counts - expected) ** 2 / expected) < CHI2_999[24]
+
+
+def test_draws_mask_inclusion_frequencies():
+  w = np.array([0.0, 1.0, 2.0, 3.0, 0.5, 10.0, 0.0, 4.0])
+  n = 40_000
+  weights = jnp.asarray(np.tile(w, (n, 1)), jnp.float32)
+  keys = jax.random.split(jax.random.key(5), n)
+  for k in (1, 3, 12):
+    mask, valid = jax.jit(ranking.draws_mask)(keys, weights, jnp.full(n, k))
+    assert np.all(np.asarray(valid))
+    # The set of items hit by k draws with replacement: each item is in it w.p. 1 - (1-p)^k.
+    assert_inclusion(np.asarray(mask), 1 - (1 - w / w.sum()) ** k)
+    # The expected set size (what collapsing duplicates of k draws gives).
+    p = w / w.sum()
+    assert np.asarray(mask).sum(1).mean() == pytest.approx(np.sum(1 - (1 - p) ** k), rel=0.01)
+
+
+def test_draws_mask_edge_rows():
+  weights = jnp.asarray([[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+  draws = jnp.asarray([4, 1, 0, 5])
+  mask, valid = ranking.draws_mask(jax.random.split(jax.random.key(1), 4), weights, draws)
+  mask = np.asarray(mask)
+  np.testing.assert_array_equal(np.asarray(valid), [False, True, True, True])
+  np.testing.assert_array_equal(mask[0], [0, 0, 0])  # nothing to draw from
+  np.testing.assert_array_equal(mask[1], [0, 1, 0])  # p = 1: always drawn
+  np.testing.assert_array_equal(mask[2], [0, 0, 0])  # zero draws
+  assert np.isfinite(mask).all()
+
+
+def cdae_bd_setup(**overrides):
+  data, _, _, cfg = bd_setup()
+  cfg = ml_collections.ConfigDict(dict(cfg.to_dict(), num_samples=3, eps_t=0.2, **overrides))
+  mcfg = lambda d: ml_collections.ConfigDict(dict(name="cdae", dim=d, dropout=0.5))  # noqa
+  mods = {"teacher": models.make(mcfg(4), data.num_users, data.num_items, data=data),
+          "student": models.make(mcfg(3), data.num_users, data.num_items, data=data)}
+  method = methods.make(cfg, mods, data)
+  snapshot = {"teacher": mods["teacher"].init(jax.random.key(10)),
+              "student": mods["student"].init(jax.random.key(11))}
+  return data, mods, method, snapshot, cfg
+
+
+def np_bd_weights_of(mods, data, snapshot, cfg, user):
+  """BD's weights for one user from the models' scores, ranked in numpy."""
+  indptr, indices = data.split("train")
+  positives = np.zeros(data.num_items, bool)
+  positives[indices[indptr[user]:indptr[user + 1]]] = True
+  ranks = {m: np_ranks(np.asarray(mods[m].score_all(snapshot[m], jnp.array([user]))),
+                       positives[None] if cfg.mask_positives else None)[0].astype(np.float64)
+           for m in ("teacher", "student")}
+  d = ranks["student"] - ranks["teacher"]
+  keep = (ranks["teacher"] > 0) & (ranks["student"] > 0)
+  return (np.where(keep, np.tanh(np.maximum(cfg.eps_t * d, 0)), 0.0),
+          np.where(keep, np.exp(-cfg.eps_e * d), 0.0), positives)
+
+
+@pytest.mark.parametrize("budget", [2048, 0])
+def test_bd_sampler_user_batches(budget):
+  """User-batched models: each user's mask holds num_samples * |I+_u| draws per direction."""
+  data, mods, method, snapshot, cfg = cdae_bd_setup(table_budget_mb=budget)
+  with ranking.x64():
+    state = jax.jit(method.refresh)(snapshot)
+  test_users = (1, 3)
+  if budget:
+    for u in test_users:  # the tables hold the weights themselves
+      w_student, w_teacher, _ = np_bd_weights_of(mods, data, snapshot, cfg, u)
+      np.testing.assert_allclose(np.asarray(state["table_student"][u]), w_student, rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(state["table_teacher"][u]), w_teacher, rtol=1e-6)
+  n = 20_000
+  users = jnp.asarray(np.repeat(test_users, n).astype(np.int32))
+  samples = jax.jit(method.sample)(state, users, jax.random.split(jax.random.key(4), len(users)))
+  indptr = data.split("train")[0]
+  for i, u in enumerate(test_users):
+    w_student, w_teacher, positives = np_bd_weights_of(mods, data, snapshot, cfg, u)
+    k = cfg.num_samples * (indptr[u + 1] - indptr[u])
+    assert np.count_nonzero(w_student) >= 2
+    for learner, w in (("student", w_student), ("teacher", w_teacher)):
+      mask, valid = (np.asarray(x)[i * n:(i + 1) * n] for x in samples[learner])
+      assert mask.shape == (n, data.num_items) and valid.all()
+      assert not mask[:, positives].any(), "sampled a training positive"
+      assert_inclusion(mask, 1 - (1 - w / w.sum()) ** k)

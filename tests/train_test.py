@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from absl import logging
@@ -73,9 +74,9 @@ def test_distill_epoch_4_devices_matches_1(distill_setup):
   key = jax.random.key(123)
   out = {}
   for n in (4, 1):
-    epoch, steps = train.make_epoch(step, train.make_mesh(n), exp.data.num_train, cfg.batch_size)
+    epoch, steps = train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)
     assert steps == -(-exp.data.num_train // cfg.batch_size)
-    out[n] = _np(epoch(_copy(state0), exp.users, exp.items, key))
+    out[n] = _np(epoch(_copy(state0), exp.examples, key))
   (s4, m4), (s1, m1) = out[4], out[1]
   _assert_params_close(s4, s1)
   assert int(s4["step"]) == int(s1["step"]) == steps
@@ -97,11 +98,58 @@ def test_distill_epoch_4_devices_matches_1(distill_setup):
                 - np.asarray(state0["student"]["params"]["item"])).max() > 1e-3
 
 
+def _cdae_config(citeulike_file, **overrides):
+  from conftest import quick_config
+  cfg = quick_config(citeulike_file, **overrides)
+  cfg.teacher = ml_collections.ConfigDict(dict(name="cdae", dim=8, dropout=0.5, num_negatives=5))
+  cfg.student = ml_collections.ConfigDict(dict(name="cdae", dim=3, dropout=0.5, num_negatives=5))
+  cfg.method.update(dict(tau=2.0, num_samples=5))
+  return cfg
+
+
+@needs_4_devices
+def test_user_batched_distill_epoch_4_devices_matches_1(citeulike_file):
+  """CDAE: the batches are users; BD draws 5 |I+_u| items per user and direction."""
+  cfg = _cdae_config(citeulike_file, num_devices=1, batch_size=16)
+  exp = train.Experiment(cfg)
+  assert exp.num_examples == exp.data.num_users and set(exp.examples) == {"user"}
+  opts = exp.optimizers(cfg.distill)
+  state0 = train.init_state(exp.key, exp.models, opts)
+  state0["snapshot"] = {m: _copy(state0[m]["params"]) for m in MODELS}
+  state0["method"] = exp.refresh(state0["snapshot"])
+  step = train.make_train_step(train.Phase("distill", MODELS, True), exp.models, exp.method,
+                               opts, exp.train_csr, exp.data.num_items)
+  out = {}
+  for n in (4, 1):
+    epoch, steps = train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)
+    out[n] = _np(epoch(_copy(state0), exp.examples, jax.random.key(5)))
+  (s4, m4), (s1, m1) = out[4], out[1]
+  for m in MODELS:
+    for a, b in zip(jax.tree.leaves(s4[m]["params"]), jax.tree.leaves(s1[m]["params"])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=m)
+  for k in m1:
+    np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-4, err_msg=k)
+  assert float(m1["examples"]) == float(m1["valid_student"]) == exp.data.num_users
+  np.testing.assert_allclose(float(m1["loss_teacher"]),
+                             float(m1["cf_teacher"]) + cfg.method.lambda_st * float(
+                                 m1["bd_teacher"]), rtol=1e-5)
+  moved = np.abs(s1["teacher"]["params"]["dec"]["w"]
+                 - np.asarray(state0["teacher"]["params"]["dec"]["w"])).max()
+  assert moved > 1e-4
+
+
+def test_teacher_and_student_must_share_batching(citeulike_file):
+  cfg = _cdae_config(citeulike_file)
+  cfg.student = ml_collections.ConfigDict(dict(name="bpr_mf", dim=4))
+  with pytest.raises(ValueError, match="same batches"):
+    train.Experiment(cfg)
+
+
 def _batch(exp, size=32, offset=5):
   idx = np.arange(offset, offset + size)
   weight = np.ones(size, np.float32)
   weight[-3:] = 0.0  # padding
-  return {"user": exp.users[idx], "pos": exp.items[idx],
+  return {**{k: v[idx] for k, v in exp.examples.items()},
           "index": jnp.arange(size, dtype=jnp.int32), "weight": jnp.asarray(weight)}
 
 
@@ -154,8 +202,8 @@ def test_frozen_teacher_in_warmup_is_bit_identical(distill_setup):
   phase = train.Phase("warmup", ("student",), False)
   step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
                                exp.data.num_items)
-  epoch, _ = train.make_epoch(step, train.make_mesh(4), exp.data.num_train, cfg.batch_size)
-  after, metrics = _np(epoch(_copy(state0), exp.users, exp.items, jax.random.key(9)))
+  epoch, _ = train.make_epoch(step, train.make_mesh(4), exp.num_examples, cfg.batch_size)
+  after, metrics = _np(epoch(_copy(state0), exp.examples, jax.random.key(9)))
   for k in ("user", "item"):
     np.testing.assert_array_equal(after["teacher"]["params"][k], before["teacher"]["params"][k])
     assert np.abs(after["student"]["params"][k] - before["student"]["params"][k]).max() > 1e-3

@@ -17,6 +17,10 @@ The public notebook differs in three ways, each a switch here: `rank_sign='noteb
 ascending argsort inverts both discrepancies), `mask_positives=False` (training positives can be
 sampled) and `bpr_negative='bd_sample'` (the BD-sampled item doubles as the BPR negative).
 
+With user-batched models (CDAE) a user draws `num_samples * |I+_u|` items per direction (the
+CDAE notebook's 5 |I+_u|), kept as a 0/1 mask over items (`ranking.draws_mask`), and the BCE
+reads the learner's and guide's training-mode logits for the whole row.
+
 Two ways to keep the sampling state, chosen by memory: under `table_budget_mb`, the refresh
 stores per-user cumulative weights for all items (two U x I float32 tables) and a draw is a binary
 search; over it, the state is just the parameter snapshot and each step ranks its batch's users
@@ -67,6 +71,8 @@ def make(cfg, models, data) -> Method:
   train = sparse.DeviceCSR.from_numpy(*data.split("train"))
   use_tables = table_bytes(num_users, num_items) <= cfg.table_budget_mb * 2**20
   chunk = min(cfg.refresh_chunk, num_users)
+  by_users = models["teacher"].batching == "users"
+  row_len = train.indptr[1:] - train.indptr[:-1]
 
   def weights_for(snapshot, users):
     exclude = sparse.row_mask(train, users, num_items) if cfg.mask_positives else None
@@ -80,34 +86,44 @@ def make(cfg, models, data) -> Method:
     n_chunks = -(-num_users // chunk)
     users = jnp.arange(n_chunks * chunk, dtype=jnp.int32) % num_users
 
-    def one(u):
+    def one(u):  # user batches read weights; pair batches binary-search cumulative weights
       w_s, w_t = weights_for(snapshot, u)
-      return jnp.cumsum(w_s, axis=1), jnp.cumsum(w_t, axis=1)
+      return (w_s, w_t) if by_users else (jnp.cumsum(w_s, axis=1), jnp.cumsum(w_t, axis=1))
 
-    cdf_s, cdf_t = jax.lax.map(one, users.reshape(n_chunks, chunk))
-    return {"cdf_student": cdf_s.reshape(-1, num_items)[:num_users],
-            "cdf_teacher": cdf_t.reshape(-1, num_items)[:num_users]}
+    t_s, t_t = jax.lax.map(one, users.reshape(n_chunks, chunk))
+    return {"table_student": t_s.reshape(-1, num_items)[:num_users],
+            "table_teacher": t_t.reshape(-1, num_items)[:num_users]}
 
   def sample(state, users, keys):
     k_s, k_t = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     n = cfg.num_samples
+    if by_users:
+      w_s, w_t = ((state["table_student"][users], state["table_teacher"][users]) if use_tables
+                  else weights_for(state["snapshot"], users))
+      draws = n * row_len[users]
+      return {"student": ranking.draws_mask(k_s, w_s, draws),
+              "teacher": ranking.draws_mask(k_t, w_t, draws)}
     if use_tables:
-      s = ranking.sample_from_cdf(k_s, state["cdf_student"], users, n)
-      t = ranking.sample_from_cdf(k_t, state["cdf_teacher"], users, n)
+      s = ranking.sample_from_cdf(k_s, state["table_student"], users, n)
+      t = ranking.sample_from_cdf(k_t, state["table_teacher"], users, n)
     else:
       w_s, w_t = weights_for(state["snapshot"], users)
       s = ranking.sample_from_weights(k_s, w_s, n)
       t = ranking.sample_from_weights(k_t, w_t, n)
     return {"student": s, "teacher": t}
 
-  def loss(params, users, weight, samples):
+  def loss(outputs, users, weight, samples):
+    """outputs: the models' params (pair batches) or training-mode logits [B, I] (user batches)."""
     out, aux = {}, {}
     for learner, guide, lam in (("student", "teacher", cfg.lambda_ts),
                                 ("teacher", "student", cfg.lambda_st)):
-      items, valid = samples[learner]
-      z_learner = models[learner].score(params[learner], users, items)
-      z_guide = models[guide].score(params[guide], users, items)
+      picked, valid = samples[learner]
       w = (weight * valid)[:, None]
+      if by_users:  # picked: 0/1 mask [B, I]
+        z_learner, z_guide, w = outputs[learner], outputs[guide], w * picked
+      else:  # picked: item ids [B, n]
+        z_learner = models[learner].score(outputs[learner], users, picked)
+        z_guide = models[guide].score(outputs[guide], users, picked)
       bce = jnp.sum(w * distill_bce(z_learner, z_guide, cfg.tau))
       out[learner] = lam * bce
       aux[f"bd_{learner}"] = bce
@@ -121,6 +137,9 @@ def make(cfg, models, data) -> Method:
 
   if cfg.bpr_negative not in ("uniform", "bd_sample"):
     raise ValueError(f"bpr_negative must be 'uniform' or 'bd_sample', got {cfg.bpr_negative!r}")
+  if by_users and cfg.bpr_negative == "bd_sample":
+    raise ValueError("bpr_negative='bd_sample' needs pair-batched models (one BD item per pair); "
+                     f"{models['teacher'].name!r} trains on user batches")
   return Method(name="bd", refresh=refresh, refresh_every=cfg.refresh_every, sample=sample,
                 loss=loss,
                 cf_negatives=cf_negatives if cfg.bpr_negative == "bd_sample" else None)

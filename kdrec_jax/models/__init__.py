@@ -1,14 +1,17 @@
 """Base recommenders. `make(cfg, num_users, num_items, data)` returns a `Model`: pure functions with
 the model's sizes (and, for graph models, the training graph) bound, the interface every method and
-the train step use. Models: 'bpr_mf', 'neumf', 'lightgcn'."""
+the train step use. Models: 'bpr_mf', 'neumf', 'lightgcn' (trained on batches of (user, positive)
+pairs) and 'cdae' (trained on batches of users)."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
-from kdrec_jax.models import bpr_mf, lightgcn, neumf
+from kdrec_jax import sparse
+from kdrec_jax.models import bpr_mf, cdae, lightgcn, neumf
 
-NAMES = ("bpr_mf", "neumf", "lightgcn")
+NAMES = ("bpr_mf", "neumf", "lightgcn", "cdae")
+BATCHING = ("pairs", "users")
 
 
 class Model(NamedTuple):
@@ -18,7 +21,15 @@ class Model(NamedTuple):
   score(params, users [B], items [B] or [B, n]) -> scores (logits)
   score_all(params, users [C]) -> [C, num_items]
   representations(params, users, items) -> (user_repr, item_repr)
-  cf_loss(params, users [B], pos [B], neg [B], weight [B]) -> scalar, the model's own loss
+  batching: what one training example is, and so what the train step passes to `cf_loss`:
+    'pairs': a (user, positive) pair;
+      cf_loss(params, users [B], pos [B], neg [B], weight [B]) -> scalar (one negative per pair)
+    'users': a user with its whole training row;
+      forward(params, users [B], keys [B]) -> training-mode logits [B, I] (e.g. with dropout),
+      cf_loss(logits, pos_mask [B, I], neg_mask [B, I], weight [B]) -> scalar, with
+      `num_negatives` sampled negatives per positive in `neg_mask`.
+  Teacher and student of one run share the batching; the distillation methods read the same
+  outputs (params for 'pairs', the forward's logits for 'users').
   """
   name: str
   init: Callable[[Any], Any]
@@ -26,6 +37,9 @@ class Model(NamedTuple):
   score_all: Callable
   representations: Callable
   cf_loss: Callable
+  batching: str = "pairs"
+  forward: Optional[Callable] = None
+  num_negatives: int = 1
 
 
 def make(cfg, num_users: int, num_items: int, data=None) -> Model:
@@ -33,6 +47,8 @@ def make(cfg, num_users: int, num_items: int, data=None) -> Model:
 
   bpr_mf: dim, init_std (0.1). neumf: dim, mlp_dim (dim), mlp_layers ((2 dim, dim)), init_std
   (0.01), item_chunk (4096). lightgcn: dim, num_layers (2), init_std (0.1); needs `data`.
+  cdae: dim (hidden size), dropout (0.5), num_negatives (5 per positive), init_std (1.0, the user
+  embedding's); needs `data`.
 
   `data` (the training `Interactions`) is for models built on the interaction graph.
   """
@@ -55,12 +71,7 @@ def make(cfg, num_users: int, num_items: int, data=None) -> Model:
         score_all=functools.partial(neumf.score_all, item_chunk=cfg.get("item_chunk", 4096)),
         representations=neumf.representations, cf_loss=neumf.cf_loss)
   if cfg.name == "lightgcn":
-    if data is None:
-      raise ValueError("model 'lightgcn' needs the training data: make(cfg, num_users, "
-                       "num_items, data=interactions)")
-    if (data.num_users, data.num_items) != (num_users, num_items):
-      raise ValueError(f"lightgcn: data has {data.num_users} users x {data.num_items} items, "
-                       f"expected {num_users} x {num_items}")
+    data = _graph_data(cfg, data, num_users, num_items)
     graph = lightgcn.build_graph(*data.split("train"), num_items=num_items)
     bind = lambda f: functools.partial(f, graph=graph,  # noqa: E731
                                        num_layers=int(cfg.get("num_layers", 2)))
@@ -70,4 +81,26 @@ def make(cfg, num_users: int, num_items: int, data=None) -> Model:
                                dim=cfg.dim, init_std=cfg.get("init_std", 0.1)),
         score=bind(lightgcn.score), score_all=bind(lightgcn.score_all),
         representations=bind(lightgcn.representations), cf_loss=bind(lightgcn.cf_loss))
+  if cfg.name == "cdae":
+    train = sparse.DeviceCSR.from_numpy(*_graph_data(cfg, data, num_users, num_items).split("train"))
+    bind = lambda f: functools.partial(f, train=train)  # noqa: E731
+    return Model(
+        name="cdae",
+        init=functools.partial(cdae.init, num_users=num_users, num_items=num_items, dim=cfg.dim,
+                               init_std=cfg.get("init_std", 1.0)),
+        score=bind(cdae.score), score_all=bind(cdae.score_all),
+        representations=bind(cdae.representations), cf_loss=cdae.cf_loss, batching="users",
+        forward=functools.partial(cdae.forward, train=train, dropout=cfg.get("dropout", 0.5)),
+        num_negatives=int(cfg.get("num_negatives", 5)))
   raise ValueError(f"unknown model {cfg.name!r}; available: {', '.join(NAMES)}")
+
+
+def _graph_data(cfg, data, num_users: int, num_items: int):
+  """`data`, checked: models built on the training interactions need it, with matching sizes."""
+  if data is None:
+    raise ValueError(f"model {cfg.name!r} needs the training data: make(cfg, num_users, "
+                     "num_items, data=interactions)")
+  if (data.num_users, data.num_items) != (num_users, num_items):
+    raise ValueError(f"{cfg.name}: data has {data.num_users} users x {data.num_items} items, "
+                     f"expected {num_users} x {num_items}")
+  return data
