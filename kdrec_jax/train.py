@@ -303,6 +303,23 @@ def _load_teacher(exp: Experiment, state, path: str):
   return restored["teacher"]["params"]
 
 
+def _finished_warmup(path: str, epochs: int):
+  """(checkpoints, results) of the finished `epochs`-epoch warm-up in the workdir `path`."""
+  from kdrec_jax.checkpoint import PhaseCheckpoints
+  ckpt = PhaseCheckpoints(os.path.join(path, "checkpoints"), "warmup")
+  results_path = os.path.join(path, "results.json")
+  phases = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      phases = json.load(f).get("phases", {})
+  if "warmup" not in phases or ckpt.latest_epoch() != epochs:
+    raise FileNotFoundError(f"warmup_from: {path} holds no finished {epochs}-epoch warm-up "
+                            f"(results.json phases {sorted(phases)}, latest warm-up checkpoint "
+                            f"{ckpt.latest_epoch()})")
+  logging.info("Starting from the warm-up in %s (both models).", path)
+  return ckpt, phases["warmup"]
+
+
 def _initial_state(exp: Experiment, phase: Phase, opts, warm_ckpt):
   """A phase's starting state and the models it trains: fresh for the warm-up (with a loaded
   teacher if configured), else the end of warm-up with fresh optimizer states."""
@@ -342,7 +359,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("%s; %d device(s); method %s", exp.data, exp.mesh.devices.size, exp.method.name)
   budget = [config.get("max_epochs_per_run", 0) or None]  # epochs left in this call
   ckpt_root = os.path.join(workdir, "checkpoints")
-  warm_ckpt = PhaseCheckpoints(ckpt_root, "warmup")
+  if config.get("warmup_from"):  # another workdir's finished warm-up replaces this one's
+    warm_ckpt, warm_results = _finished_warmup(config.warmup_from, config.warmup.epochs)
+    if "warmup" not in results["phases"]:
+      results["phases"]["warmup"] = warm_results
+      _write_json_atomic(results_path, results)
+  else:
+    warm_ckpt = PhaseCheckpoints(ckpt_root, "warmup")
 
   for phase_index, (phase, pcfg) in enumerate(phases_for(config)):
     if phase.name in results["phases"]:

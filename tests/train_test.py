@@ -398,3 +398,20 @@ def test_budget_stop_on_a_checkpointed_epoch(citeulike_file, tmp_path):
       break
   assert set(results["phases"]) == {"warmup"}
   assert PhaseCheckpoints(os.path.join(workdir, "checkpoints"), "warmup").latest_epoch() == 2
+
+
+def test_warmup_from_reuses_both_warmed_up_models(uninterrupted_run, citeulike_file, tmp_path):
+  """A run started from another workdir's warm-up skips it and distils exactly as that run."""
+  _, workdir_a, results_a = uninterrupted_run
+  cfg = _resume_config(citeulike_file, warmup_from=workdir_a)
+  results = train.train_and_evaluate(cfg, str(tmp_path / "run_e"))
+  assert not os.path.exists(tmp_path / "run_e" / "checkpoints" / "warmup")
+  got, want = _metrics_only(results), _metrics_only(results_a)
+  for p in PHASES:
+    for m in MODELS:
+      for name, v in want[p][m]["test"].items():
+        assert got[p][m]["test"][name] == pytest.approx(v, abs=1e-6), (p, m, name)
+  with pytest.raises(FileNotFoundError, match="no finished 3-epoch warm-up"):
+    train.train_and_evaluate(_resume_config(citeulike_file, warmup_from=workdir_a,
+                                            warmup__epochs=3), str(tmp_path / "run_f"))
+  assert not os.path.exists(tmp_path / "run_f" / "results.json")
