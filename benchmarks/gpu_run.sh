@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One device call for the GPU figures. Run from the repository root on the GPU machine, with the
 # ml_collections wheel carried in .whl/ (see the device tool's README); OUT: output folder.
-#   bash benchmarks/gpu_run.sh [bench] [cmdbuf] [full]     (default: bench full)
-#   bench:  benchmark rows (python3 -m benchmarks.bench_bd)
+#   bash benchmarks/gpu_run.sh [bench] [cmdbuf] [full] [models] [full_MODEL...]
+#   (default: bench full)
+#   bench:  benchmark rows (python3 -m benchmarks.bench_bd), BPR-MF
 #   cmdbuf: the same rows with while-loop bodies captured as CUDA graphs (command buffers)
-#   full:   the whole reference schedule with the control, timed end to end
+#   full:   the whole BPR-MF reference schedule with the control, timed end to end
+#   models: benchmark rows for NeuMF, LightGCN and CDAE
+#   full_cdae, full_neumf, full_lightgcn: that model's whole schedule with the control
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,11 +25,17 @@ for what in "$@"; do
     cmdbuf) XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
              python3 -m benchmarks.bench_bd --repeats 3 --out "$OUT/bench_gpu_cmdbuf.json" 2>&1 \
              | grep -v "^[IW]1" | tail -14 ;;
-    full) rm -rf /tmp/full; start=$(date +%s)
-          python3 -m launch.train --config configs/bd_bpr_citeulike.py --workdir /tmp/full 2>&1 \
-            | tee "$OUT/full_schedule.log" | grep -E "done|epoch (500|1000)/|rror"
-          echo "full schedule wall seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/full_schedule.log"
-          cp /tmp/full/results.json /tmp/full/metrics.jsonl "$OUT/" ;;
+    full|full_*) m=${what#full}; m=${m#_}; m=${m:-bpr}; wd=/tmp/full_$m; rm -rf "$wd"
+          start=$(date +%s)
+          python3 -m launch.train --config configs/bd_${m}_citeulike.py --workdir "$wd" 2>&1 \
+            | tee "$OUT/full_schedule_$m.log" | grep -E "done|epoch (500|1000)/|rror"
+          echo "full schedule wall seconds: $(( $(date +%s) - start ))" \
+            | tee -a "$OUT/full_schedule_$m.log"
+          mkdir -p "$OUT/full_$m" && cp "$wd/results.json" "$wd/metrics.jsonl" "$OUT/full_$m/" ;;
+    models) for m in neumf lightgcn cdae; do
+              python3 -m benchmarks.bench_bd --config configs/bd_${m}_citeulike.py --repeats 3 \
+                --out "$OUT/bench_gpu_$m.json" 2>&1 | grep -v "^[IW]1" | tail -14
+            done ;;
     *) echo "unknown section $what" >&2; exit 2 ;;
   esac
 done

@@ -34,10 +34,10 @@ def get_config(arg: str = ""):
   c.teacher = _cdae(50)
   c.student = _cdae(5)
   c.batch_size = 128  # users
-  c.warmup.epochs = 20 if quick else 1000
+  c.warmup.epochs = 10 if quick else 1000
   c.warmup.teacher = _opt(2e-3, 1e-3)
   c.warmup.student = _opt(2e-3, 1e-3)
-  c.distill.epochs = 10 if quick else 1000
+  c.distill.epochs = 4 if quick else 1000
   c.distill.teacher = _opt(2e-3, 0.0)
   c.distill.student = _opt(2e-3, 0.0)
   c.method.update(dict(tau=2.0, eps_t=1e-4, eps_e=1e-4, num_samples=5))

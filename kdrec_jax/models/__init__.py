@@ -11,7 +11,6 @@ from kdrec_jax import sparse
 from kdrec_jax.models import bpr_mf, cdae, lightgcn, neumf
 
 NAMES = ("bpr_mf", "neumf", "lightgcn", "cdae")
-BATCHING = ("pairs", "users")
 
 
 class Model(NamedTuple):
@@ -82,7 +81,8 @@ def make(cfg, num_users: int, num_items: int, data=None) -> Model:
         score=bind(lightgcn.score), score_all=bind(lightgcn.score_all),
         representations=bind(lightgcn.representations), cf_loss=bind(lightgcn.cf_loss))
   if cfg.name == "cdae":
-    train = sparse.DeviceCSR.from_numpy(*_graph_data(cfg, data, num_users, num_items).split("train"))
+    data = _graph_data(cfg, data, num_users, num_items)
+    train = sparse.DeviceCSR.from_numpy(*data.split("train"))
     bind = lambda f: functools.partial(f, train=train)  # noqa: E731
     return Model(
         name="cdae",
