@@ -345,48 +345,34 @@ def _popularity_scores(popularity, users):
   return jnp.broadcast_to(popularity, (users.shape[0], popularity.shape[0]))
 
 
-def _train_bpr(model, data, steps, batch_size, lr, weight_decay, seed=0):
-  """Adam (with coupled L2) on the summed BPR loss, uniform negatives: one jitted scan."""
-  users, items = (jnp.asarray(x) for x in data.train_pairs())
-  opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
-
-  @jax.jit
-  def run(params, key):
-    def step(carry, k):
-      params, opt_state = carry
-      k_idx, k_neg = jax.random.split(k)
-      idx = jax.random.randint(k_idx, (batch_size,), 0, users.shape[0])
-      neg = jax.random.randint(k_neg, (batch_size,), 0, data.num_items)
-      loss, g = jax.value_and_grad(model.cf_loss)(params, users[idx], items[idx], neg,
-                                                  jnp.ones(batch_size))
-      updates, opt_state = opt.update(g, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss / batch_size
-    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)),
-                                       jax.random.split(key, steps))
-    return params, losses
-
-  return run(model.init(jax.random.key(seed)), jax.random.key(seed + 1))
-
-
-def _train_cdae(model, data, steps, batch_size, lr, weight_decay, seed=0):
-  """Adam (with coupled L2) on CDAE's loss over random user batches: one jitted scan."""
+def _train(model, data, steps, batch_size, lr, weight_decay, seed=0):
+  """Adam (with coupled L2) on the model's own loss over random batches of its batching (pairs
+  with uniform negatives, or users with sampled negative masks): one jitted scan."""
+  users_all, items_all = (jnp.asarray(x) for x in data.train_pairs())
   train = sparse.DeviceCSR.from_numpy(*data.split("train"))
   row_len = jnp.asarray(np.diff(data.split("train")[0]))
   opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
+  ones = jnp.ones(batch_size)
 
-  @jax.jit
-  def run(params, key):
-    def step(carry, k):
-      params, opt_state = carry
+  def batch_loss(params, k):
+    if model.batching == "users":
       k_idx, k_neg, k_drop = jax.random.split(k, 3)
       users = jax.random.randint(k_idx, (batch_size,), 0, data.num_users)
       pos = sparse.row_mask(train, users, data.num_items)
       neg, _ = ranking.draws_mask(jax.random.split(k_neg, batch_size),
                                   (~pos).astype(jnp.float32), model.num_negatives * row_len[users])
-      def loss_fn(p):
-        logits = model.forward(p, users, jax.random.split(k_drop, batch_size))
-        return model.cf_loss(logits, pos, neg, jnp.ones(batch_size))
-      loss, g = jax.value_and_grad(loss_fn)(params)
+      logits = model.forward(params, users, jax.random.split(k_drop, batch_size))
+      return model.cf_loss(logits, pos, neg, ones)
+    k_idx, k_neg = jax.random.split(k)
+    idx = jax.random.randint(k_idx, (batch_size,), 0, users_all.shape[0])
+    neg = jax.random.randint(k_neg, (batch_size,), 0, data.num_items)
+    return model.cf_loss(params, users_all[idx], items_all[idx], neg, ones)
+
+  @jax.jit
+  def run(params, key):
+    def step(carry, k):
+      params, opt_state = carry
+      loss, g = jax.value_and_grad(batch_loss)(params, k)
       updates, opt_state = opt.update(g, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss / batch_size
     (params, _), losses = jax.lax.scan(step, (params, opt.init(params)),
@@ -409,8 +395,7 @@ def test_training_beats_popularity(name, citeulike_sample):
   data = citeulike_sample
   fields, steps, batch, lr, wd = TRAIN_SETTINGS[name]
   model = models.make(_cfg(name, **fields), data.num_users, data.num_items, data=data)
-  trainer = _train_cdae if model.batching == "users" else _train_bpr
-  params, losses = trainer(model, data, steps, batch, lr, wd)
+  params, losses = _train(model, data, steps, batch, lr, wd)
   losses = np.asarray(losses)
   assert np.all(np.isfinite(losses)) and losses[-50:].mean() < 0.5 * losses[:10].mean()
   ks, chunk = (20,), 500
