@@ -26,6 +26,11 @@ class DeviceCSR:
       idx = np.zeros(1, np.int32)
     return cls(jnp.asarray(indptr, jnp.int32), jnp.asarray(idx), max(max_len, 1))
 
+  @property
+  def row_lengths(self) -> jax.Array:
+    """int32 [U]: the number of items in each row."""
+    return self.indptr[1:] - self.indptr[:-1]
+
 
 
 

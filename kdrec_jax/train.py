@@ -72,14 +72,13 @@ def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.
   Losses are sums over the global batch.
   """
   by_users = batching_of(models) == "users"
-  row_len = train_csr.indptr[1:] - train_csr.indptr[:-1]
 
   def negatives(m, keys, users, pos_mask):
     if not by_users:  # one uniform unobserved item per pair
       return ranking.uniform_negatives(keys, users, train_csr, num_items)
     # num_negatives draws per positive, uniform over the unobserved items, as a 0/1 mask.
     return ranking.draws_mask(keys, (~pos_mask).astype(jnp.float32),
-                              models[m].num_negatives * row_len[users])[0]
+                              models[m].num_negatives * train_csr.row_lengths[users])[0]
 
   def train_step(state, batch, key):
     key = jax.random.fold_in(key, state["step"])

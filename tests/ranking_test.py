@@ -256,7 +256,8 @@ def test_gumbel_top_k_distinct_and_first_draw_categorical():
 # the BD sampler, end to end
 # ---------------------------------------------------------------------------------------------
 
-def bd_setup(**overrides):
+def bd_setup(model="bpr_mf", **overrides):
+  """BD on 6 users x 12 items with a `model` teacher (size 4) and student (size 3)."""
   train = [[0, 1, 2], [3, 4], [5, 6, 7, 0], [1, 8], [2, 9, 4, 11], [6]]
   val = [[3], [5], [], [9], [1], [7]]
   test = [[4], [6], [8], [], [3], [2]]
@@ -265,25 +266,25 @@ def bd_setup(**overrides):
              eps_e=0.2, num_samples=2, rank_sign="paper", mask_positives=True,
              bpr_negative="uniform", table_budget_mb=2048, refresh_chunk=4)
   cfg.update(overrides)
-  mcfg = lambda d: ml_collections.ConfigDict(dict(name="bpr_mf", dim=d, init_std=1.0))  # noqa
-  mods = {"teacher": models.make(mcfg(4), data.num_users, data.num_items),
-          "student": models.make(mcfg(3), data.num_users, data.num_items)}
-  method = methods.make(ml_collections.ConfigDict(cfg), mods, data)
+  cfg = ml_collections.ConfigDict(cfg)
+  fields = dict(init_std=1.0) if model == "bpr_mf" else dict(dropout=0.5)
+  mods = {m: models.make(ml_collections.ConfigDict(dict(name=model, dim=d, **fields)),
+                         data.num_users, data.num_items, data=data)
+          for m, d in (("teacher", 4), ("student", 3))}
+  method = methods.make(cfg, mods, data)
   snapshot = {"teacher": mods["teacher"].init(jax.random.key(10)),
               "student": mods["student"].init(jax.random.key(11))}
-  return data, method, snapshot, ml_collections.ConfigDict(cfg)
+  return data, mods, method, snapshot, cfg
 
 
-def np_bd_weights(data, snapshot, cfg, user):
+def np_bd_weights(mods, data, snapshot, cfg, user):
+  """BD's weights for one user from the models' scores, ranked in numpy."""
   indptr, indices = data.split("train")
   positives = np.zeros(data.num_items, bool)
   positives[indices[indptr[user]:indptr[user + 1]]] = True
   exclude = positives[None] if cfg.mask_positives else None
-  ranks = {}
-  for m in ("teacher", "student"):
-    p = np.asarray(snapshot[m]["user"], np.float32)
-    q = np.asarray(snapshot[m]["item"], np.float32)
-    ranks[m] = np_ranks((p[user] @ q.T)[None], exclude)[0].astype(np.float64)
+  ranks = {m: np_ranks(np.asarray(mods[m].score_all(snapshot[m], jnp.array([user]))),
+                       exclude)[0].astype(np.float64) for m in ("teacher", "student")}
   d = ranks["student"] - ranks["teacher"]
   if cfg.rank_sign == "notebook":
     d = -d
@@ -299,7 +300,7 @@ def np_bd_weights(data, snapshot, cfg, user):
     dict(mask_positives=False, rank_sign="notebook"),
 ])
 def test_bd_sampler_frequencies(mode):
-  data, method, snapshot, cfg = bd_setup(**mode)
+  data, mods, method, snapshot, cfg = bd_setup(**mode)
   with ranking.x64():
     state = jax.jit(method.refresh)(snapshot)
   if cfg.table_budget_mb == 0:
@@ -313,7 +314,7 @@ def test_bd_sampler_frequencies(mode):
   keys = jax.random.split(jax.random.key(4), len(users))
   samples = jax.jit(method.sample)(state, users, keys)
   for i, u in enumerate(test_users):
-    w_student, w_teacher, positives = np_bd_weights(data, snapshot, cfg, u)
+    w_student, w_teacher, positives = np_bd_weights(mods, data, snapshot, cfg, u)
     assert w_student.sum() > 0 and np.count_nonzero(w_student) >= 2  # a non-trivial test
     for learner, w in (("student", w_student), ("teacher", w_teacher)):
       items, valid = (np.asarray(x)[i * n:(i + 1) * n] for x in samples[learner])
@@ -326,11 +327,11 @@ def test_bd_sampler_frequencies(mode):
 
 def test_bd_refresh_tables_hold_cumulative_weights():
   """The refresh's tables, row by row, are the cumulative numpy weights for every user."""
-  data, method_t, snapshot, cfg = bd_setup()
+  data, mods, method, snapshot, cfg = bd_setup()
   with ranking.x64():
-    tables = jax.jit(method_t.refresh)(snapshot)
+    tables = jax.jit(method.refresh)(snapshot)
   for u in range(data.num_users):
-    w_student, w_teacher, _ = np_bd_weights(data, snapshot, cfg, u)
+    w_student, w_teacher, _ = np_bd_weights(mods, data, snapshot, cfg, u)
     np.testing.assert_allclose(np.diff(np.asarray(tables["table_student"][u]), prepend=0),
                                w_student, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.diff(np.asarray(tables["table_teacher"][u]), prepend=0),
@@ -399,42 +400,17 @@ def test_draws_mask_edge_rows():
   assert np.isfinite(mask).all()
 
 
-def cdae_bd_setup(**overrides):
-  data, _, _, cfg = bd_setup()
-  cfg = ml_collections.ConfigDict(dict(cfg.to_dict(), num_samples=3, eps_t=0.2, **overrides))
-  mcfg = lambda d: ml_collections.ConfigDict(dict(name="cdae", dim=d, dropout=0.5))  # noqa
-  mods = {"teacher": models.make(mcfg(4), data.num_users, data.num_items, data=data),
-          "student": models.make(mcfg(3), data.num_users, data.num_items, data=data)}
-  method = methods.make(cfg, mods, data)
-  snapshot = {"teacher": mods["teacher"].init(jax.random.key(10)),
-              "student": mods["student"].init(jax.random.key(11))}
-  return data, mods, method, snapshot, cfg
-
-
-def np_bd_weights_of(mods, data, snapshot, cfg, user):
-  """BD's weights for one user from the models' scores, ranked in numpy."""
-  indptr, indices = data.split("train")
-  positives = np.zeros(data.num_items, bool)
-  positives[indices[indptr[user]:indptr[user + 1]]] = True
-  ranks = {m: np_ranks(np.asarray(mods[m].score_all(snapshot[m], jnp.array([user]))),
-                       positives[None] if cfg.mask_positives else None)[0].astype(np.float64)
-           for m in ("teacher", "student")}
-  d = ranks["student"] - ranks["teacher"]
-  keep = (ranks["teacher"] > 0) & (ranks["student"] > 0)
-  return (np.where(keep, np.tanh(np.maximum(cfg.eps_t * d, 0)), 0.0),
-          np.where(keep, np.exp(-cfg.eps_e * d), 0.0), positives)
-
-
 @pytest.mark.parametrize("budget", [2048, 0])
 def test_bd_sampler_user_batches(budget):
   """User-batched models: each user's mask holds num_samples * |I+_u| draws per direction."""
-  data, mods, method, snapshot, cfg = cdae_bd_setup(table_budget_mb=budget)
+  data, mods, method, snapshot, cfg = bd_setup("cdae", num_samples=3, eps_t=0.2,
+                                                table_budget_mb=budget)
   with ranking.x64():
     state = jax.jit(method.refresh)(snapshot)
   test_users = (1, 3)
   if budget:
     for u in test_users:  # the tables hold the weights themselves
-      w_student, w_teacher, _ = np_bd_weights_of(mods, data, snapshot, cfg, u)
+      w_student, w_teacher, _ = np_bd_weights(mods, data, snapshot, cfg, u)
       np.testing.assert_allclose(np.asarray(state["table_student"][u]), w_student, rtol=1e-6)
       np.testing.assert_allclose(np.asarray(state["table_teacher"][u]), w_teacher, rtol=1e-6)
   n = 20_000
@@ -442,7 +418,7 @@ def test_bd_sampler_user_batches(budget):
   samples = jax.jit(method.sample)(state, users, jax.random.split(jax.random.key(4), len(users)))
   indptr = data.split("train")[0]
   for i, u in enumerate(test_users):
-    w_student, w_teacher, positives = np_bd_weights_of(mods, data, snapshot, cfg, u)
+    w_student, w_teacher, positives = np_bd_weights(mods, data, snapshot, cfg, u)
     k = cfg.num_samples * (indptr[u + 1] - indptr[u])
     assert np.count_nonzero(w_student) >= 2
     for learner, w in (("student", w_student), ("teacher", w_teacher)):

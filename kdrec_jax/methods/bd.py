@@ -72,7 +72,6 @@ def make(cfg, models, data) -> Method:
   use_tables = table_bytes(num_users, num_items) <= cfg.table_budget_mb * 2**20
   chunk = min(cfg.refresh_chunk, num_users)
   by_users = models["teacher"].batching == "users"
-  row_len = train.indptr[1:] - train.indptr[:-1]
 
   def weights_for(snapshot, users):
     exclude = sparse.row_mask(train, users, num_items) if cfg.mask_positives else None
@@ -100,7 +99,7 @@ def make(cfg, models, data) -> Method:
     if by_users:
       w_s, w_t = ((state["table_student"][users], state["table_teacher"][users]) if use_tables
                   else weights_for(state["snapshot"], users))
-      draws = n * row_len[users]
+      draws = n * train.row_lengths[users]
       return {"student": ranking.draws_mask(k_s, w_s, draws),
               "teacher": ranking.draws_mask(k_t, w_t, draws)}
     if use_tables:
