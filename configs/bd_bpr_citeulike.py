@@ -56,6 +56,6 @@ def get_config(arg: str = ""):
   c.checkpoint_every = 10 if quick else 100
   c.checkpoint_keep = 2
   c.max_epochs_per_run = 0  # >0: stop after this many epochs (checkpointed); rerun resumes
-  c.teacher_checkpoint = ""  # a previous workdir: take its warm-up teacher, skip that warm-up
+  c.teacher_init = ""  # a workdir (its warm-up teacher) or a params directory: skip its warm-up
   c.warmup_from = ""  # a previous workdir: start from its finished warm-up (both models)
   return c

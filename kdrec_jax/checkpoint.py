@@ -1,4 +1,5 @@
-"""Orbax checkpoints, in one place: one directory per training phase, steps are epochs."""
+"""Orbax checkpoints, in one place: one directory per training phase, steps are epochs; and
+standalone params directories (e.g. a teacher trained elsewhere, for `config.teacher_init`)."""
 from __future__ import annotations
 
 import os
@@ -29,11 +30,35 @@ class PhaseCheckpoints:
 
   def restore(self, like: Any, epoch: Optional[int] = None) -> Any:
     """Restores the checkpoint at `epoch` (default: latest) into the structure of `like`."""
-    epoch = self.latest_epoch() if epoch is None else epoch
-    if epoch is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    epoch = self._epoch(epoch)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
 
+  def restore_raw(self, epoch: Optional[int] = None) -> Any:
+    """Restores the checkpoint at `epoch` (default: latest) as it was saved (nested dicts)."""
+    return self._manager.restore(self._epoch(epoch), args=ocp.args.StandardRestore())
+
+  def _epoch(self, epoch: Optional[int]) -> int:
+    epoch = self.latest_epoch() if epoch is None else epoch
+    if epoch is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return epoch
+
   def close(self) -> None:
     self._manager.close()
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes a params pytree to the new directory `path` (usable as `config.teacher_init`)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(path), params)
+
+
+def is_params_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA"))
+
+
+def load_params(path: str) -> Any:
+  """The params pytree `save_params` wrote to `path`."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(path))

@@ -190,3 +190,66 @@ def uniform_rows(keys: jax.Array, n: int) -> jax.Array:
   if data.shape[1] > 1:
     x = _mix32(x ^ data[:, 1:2])
   return (x >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+
+
+def top_unobserved(scores: jax.Array, exclude: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+  """Each row's `m` best items that are not excluded, best first (ties: lower id first).
+
+  scores [C, N] float, exclude bool [C, N]. Returns (items int32 [C, m], valid bool [C, m]);
+  valid is False in the slots beyond a row's number of non-excluded items.
+  """
+  masked = jnp.where(exclude, -jnp.inf, scores.astype(jnp.float32))
+  _, items = jax.lax.top_k(masked, m)
+  return items.astype(jnp.int32), ~jnp.take_along_axis(exclude, items, axis=-1)
+
+
+class TopLists:
+  """Per-user lists of a model's top-`m` unobserved items (teacher top-M), under a memory budget.
+
+  `build(params)` computes the [U, m] table on device in user chunks when it fits in
+  `budget_mb` (else returns an empty dict and stores nothing); `rows(table, params, users)`
+  reads a batch's rows from the table, or computes them from `params` when there is none.
+  Both give identical rows.
+  """
+
+  def __init__(self, score_all, train, num_users: int, num_items: int, m: int,
+               budget_mb: float = 2048, chunk: int = 256):
+    from kdrec_jax import sparse  # local import: sparse imports nothing from here
+    if not 1 <= m <= num_items:
+      raise ValueError(f"top-M list size must be in [1, {num_items}], got {m}")
+    self.score_all, self.train, self._sparse = score_all, train, sparse
+    self.num_users, self.num_items, self.m = num_users, num_items, int(m)
+    self.chunk = max(1, min(int(chunk), num_users))
+    self.stored = 5 * num_users * self.m <= budget_mb * 2**20  # int32 ids + bool validity
+
+  def compute(self, params, users: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(items [B, m], valid [B, m]) for `users`, from `params`."""
+    exclude = self._sparse.row_mask(self.train, users, self.num_items)
+    return top_unobserved(self.score_all(params, users), exclude, self.m)
+
+  def build(self, params) -> dict:
+    """{'items' [U, m], 'valid' [U, m]} if stored, else {}."""
+    if not self.stored:
+      return {}
+    n_chunks = -(-self.num_users // self.chunk)
+    users = jnp.arange(n_chunks * self.chunk, dtype=jnp.int32) % self.num_users
+    items, valid = jax.lax.map(lambda u: self.compute(params, u),
+                               users.reshape(n_chunks, self.chunk))
+    return {"items": items.reshape(-1, self.m)[:self.num_users],
+            "valid": valid.reshape(-1, self.m)[:self.num_users]}
+
+  def rows(self, table: dict, params, users: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if table:
+      return table["items"][users], table["valid"][users]
+    return self.compute(params, users)
+
+  def all_rows(self, table: dict, params, fn):
+    """`fn(users [chunk], items, valid)` over all users in chunks (lax.map); outputs [U, ...]."""
+    n_chunks = -(-self.num_users // self.chunk)
+    users = jnp.arange(n_chunks * self.chunk, dtype=jnp.int32) % self.num_users
+
+    def one(u):
+      return fn(u, *self.rows(table, params, u))
+
+    out = jax.lax.map(one, users.reshape(n_chunks, self.chunk))
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:self.num_users], out)

@@ -3,13 +3,23 @@
 `make_train_step` returns per-device code with pmap semantics (local batch, local sampling,
 `lax.pmean` of gradients); `shard` wraps it as `jax.jit(jax.shard_map(...))` over a 1-D `data`
 mesh with the state donated, which is what `jax.pmap` lowers to in current JAX. An epoch is one
-jitted `lax.scan` over steps. Warm-up, distillation and the keep-training control are the same
-step with different static switches (which models learn, whether the method's loss is on).
+jitted `lax.scan` over steps. Warm-up, distillation and the control are the same step with
+different static switches: which learners train ('teacher', 'student', 'method') and whether the
+method's loss (and sampler) is on. Models that do not learn in a phase are frozen: replicated,
+never updated, their own loss not computed, and left out of that phase's checkpoints.
+
+The state is a pytree:
+  {'step', 'epoch' (int32), 'hparams' (the method's traced hyperparameters),
+   'teacher' | 'student' | 'method': {'params', 'opt' (learners only)},
+   'static' (per-phase constants from the frozen teacher), 'cache' (per-refresh tables),
+   'carry' (state the step writes), 'snapshot' (params at the last refresh)}
+The epoch reaches the step as traced data (`state['epoch']`), so nothing recompiles per epoch.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
@@ -24,16 +34,16 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from kdrec_jax import ranking, sparse
+from kdrec_jax.parallel import AXIS
 
 MODELS = ("teacher", "student")
-AXIS = "data"
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
   """Static switches of one training phase."""
   name: str
-  train: tuple[str, ...]  # which models learn ('teacher', 'student')
+  train: tuple[str, ...]  # which learners learn ('teacher', 'student', 'method')
   distill: bool           # whether the method's loss (and sampler) is on
 
 
@@ -45,12 +55,20 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
   return adam
 
 
-def init_state(key, models, optimizers) -> dict:
-  """The train state: both models' params and optimizer states, the step, and method slots."""
-  state = {"step": jnp.zeros((), jnp.int32), "snapshot": {}, "method": {}}
+def init_state(key, models, optimizers, method=None) -> dict:
+  """A fresh train state: both models' params (from `key`), optimizer states for the learners in
+  `optimizers`, the method's own params if it has any, and empty method slots."""
+  state = {"step": jnp.zeros((), jnp.int32), "epoch": jnp.zeros((), jnp.int32), "hparams": {},
+           "static": {}, "cache": {}, "carry": {}, "snapshot": {}}
   for name, k in zip(MODELS, jax.random.split(key)):
-    params = models[name].init(k)
-    state[name] = {"params": params, "opt": optimizers[name].init(params)}
+    state[name] = {"params": models[name].init(k)}
+  if method is not None and method.init is not None:
+    state["method"] = {"params": method.init(jax.random.fold_in(key, 1))}
+  if method is not None and method.init_carry is not None:
+    state["carry"] = method.init_carry()
+  for name, opt in optimizers.items():
+    if name in state:
+      state[name]["opt"] = opt.init(state[name]["params"])
   return state
 
 
@@ -72,6 +90,9 @@ def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.
   Losses are sums over the global batch.
   """
   by_users = batching_of(models) == "users"
+  own = tuple(m for m in MODELS if m in phase.train)  # models whose own loss is computed
+  # Models whose outputs a loss reads (user batches run a training-mode forward for each).
+  needed = MODELS if phase.distill else own
 
   def negatives(m, keys, users, pos_mask):
     if not by_users:  # one uniform unobserved item per pair
@@ -91,46 +112,61 @@ def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.
       pos_mask = sparse.row_mask(train_csr, users, num_items)
       for m in MODELS:
         k_neg[m], k_fwd[m] = jnp.moveaxis(jax.vmap(jax.random.split)(k_neg[m]), 1, 0)
-    negs = {m: negatives(m, k_neg[m], users, pos_mask) for m in MODELS}
-    samples = method.sample(state["method"], users, k_method) if phase.distill else None
-    if phase.distill and method.cf_negatives is not None:
-      negs = method.cf_negatives(samples, negs)
+    negs = {m: negatives(m, k_neg[m], users, pos_mask) for m in own}
+    ctx = {"user": users, "weight": weight, "neg": negs}
+    if not by_users:
+      ctx["pos"] = batch["pos"]
+    samples = None
+    if phase.distill and method.sample is not None:
+      view = {k: state[k] for k in ("static", "cache", "carry", "hparams", "epoch")}
+      samples = method.sample(view, ctx, k_method, jax.random.fold_in(key, 1 << 30))
+      if method.cf_negatives is not None:
+        negs = method.cf_negatives(samples, negs)
     # Materialise the sampled ids: fused into the embedding gathers, their binary searches would
     # be recomputed for every embedding column.
     negs, samples = jax.lax.optimization_barrier((negs, samples))
+    ctx["neg"] = negs
+    hp = dict(state["hparams"], epoch=state["epoch"])
     # Per-device sums scaled by the device count: their pmean is the global-batch sum.
     scale = jax.lax.axis_size(AXIS)
 
     def loss_fn(params):
       # What the losses read: the params (pair models) or one training-mode forward per user.
-      out = ({m: models[m].forward(params[m], users, k_fwd[m]) for m in MODELS} if by_users
-             else params)
+      out = dict(params)
+      if by_users:
+        out.update({m: models[m].forward(params[m], users, k_fwd[m]) for m in needed})
       losses, aux = {}, {}
-      for m in MODELS:
+      for m in own:
         if by_users:
           losses[m] = models[m].cf_loss(out[m], pos_mask, negs[m], weight)
         else:
           losses[m] = models[m].cf_loss(out[m], users, batch["pos"], negs[m], weight)
         aux[f"cf_{m}"] = losses[m]
       if phase.distill:
-        kd, kd_aux = method.loss(out, users, weight, samples)
+        kd, kd_aux = method.loss(out, ctx, samples, hp)
         aux.update(kd_aux)
-        for m in MODELS:
-          losses[m] = losses[m] + kd[m]
-      total = sum(losses[m] for m in phase.train)
-      aux.update({f"loss_{m}": losses[m] for m in MODELS})
+        for learner, term in kd.items():
+          losses[learner] = losses[learner] + term if learner in losses else term
+      total = sum(losses[learner] for learner in phase.train if learner in losses)
+      aux.update({f"loss_{learner}": losses[learner] for learner in phase.train
+                  if learner in losses})
       return scale * total, aux
 
-    params = {m: state[m]["params"] if m in phase.train
-              else jax.lax.stop_gradient(state[m]["params"]) for m in MODELS}
-    grads, aux = jax.grad(loss_fn, has_aux=True)(params)
+    frozen = {m: jax.lax.stop_gradient(state[m]["params"])
+              for m in (*MODELS, "method") if m in state and m not in phase.train}
+    trainable = {learner: state[learner]["params"] for learner in phase.train}
+    grads, aux = jax.grad(lambda p: loss_fn({**frozen, **p}), has_aux=True)(trainable)
     new_state = dict(state, step=state["step"] + 1)
     # pmean across devices (skipped on one device, where XLA would still copy the tables).
     reduce = (lambda f, x: f(x, AXIS)) if scale > 1 else (lambda f, x: x)
-    for m in phase.train:
-      g = reduce(jax.lax.pmean, grads[m])
-      updates, opt = optimizers[m].update(g, state[m]["opt"], state[m]["params"])
-      new_state[m] = {"params": optax.apply_updates(state[m]["params"], updates), "opt": opt}
+    for learner in phase.train:
+      g = reduce(jax.lax.pmean, grads[learner])
+      updates, opt = optimizers[learner].update(g, state[learner]["opt"],
+                                                state[learner]["params"])
+      new_state[learner] = {"params": optax.apply_updates(state[learner]["params"], updates),
+                            "opt": opt}
+    if phase.distill and method.update_carry is not None:
+      new_state["carry"] = method.update_carry(state["carry"], ctx, samples)
     metrics = reduce(jax.lax.psum, dict(aux, examples=jnp.sum(weight)))
     return new_state, metrics
 
@@ -158,10 +194,10 @@ def p_train_step(train_step, mesh):
 
 
 def make_epoch(train_step, mesh, num_train: int, batch_size: int):
-  """`epoch(state, examples, key) -> (state, metrics)`: a shuffled pass over all `num_train`
-  training examples (`examples`: {field: [num_train]}, e.g. {'user', 'pos'} for pairs or {'user'}
-  for user batches) as one jitted `lax.scan` of the sharded step. The last batch is padded
-  (weight 0)."""
+  """`epoch(state, examples, key, epoch_index=0) -> (state, metrics)`: a shuffled pass over all
+  `num_train` training examples (`examples`: {field: [num_train]}, e.g. {'user', 'pos'} for pairs
+  or {'user'} for user batches) as one jitted `lax.scan` of the sharded step. The last batch is
+  padded (weight 0). `epoch_index` (traced) becomes `state['epoch']` for the step."""
   n_dev = mesh.devices.size
   if batch_size % n_dev:
     raise ValueError(f"batch_size {batch_size} is not divisible by {n_dev} devices")
@@ -177,7 +213,8 @@ def make_epoch(train_step, mesh, num_train: int, batch_size: int):
                                out_specs=(P(), P()), check_vma=False)
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def epoch(state, examples, key):
+  def epoch(state, examples, key, epoch_index=0):
+    state = dict(state, epoch=jnp.asarray(epoch_index, jnp.int32))
     k_perm, k_steps = jax.random.split(key)
     perm = jax.random.permutation(k_perm, num_train)
     pad = steps * batch_size - num_train
@@ -195,7 +232,7 @@ def make_epoch(train_step, mesh, num_train: int, batch_size: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run: warm-up, then distillation and the keep-training control, each resumable.
+# The run: warm-up, then distillation and the control, each resumable, with early stopping.
 # ----------------------------------------------------------------------------------------------
 
 def _jsonable(tree):
@@ -226,19 +263,49 @@ def _write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def phases_for(config) -> list[tuple[Phase, Any]]:
-  """The schedule: (phase, its config section) in order."""
-  out = [(Phase("warmup", MODELS, False), config.warmup)]
+def params_hash(tree) -> str:
+  """sha256 of a params pytree's leaves (dtype, shape and bytes, in tree order)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(tree)):
+    a = np.ascontiguousarray(leaf)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def warmup_models(config, method) -> tuple[str, ...]:
+  """The models the warm-up trains alone: `config.warmup.models`, else both for methods that
+  train the teacher (BD) and the teacher only for teacher->student methods; a teacher loaded
+  with `teacher_init` is not trained."""
+  models = tuple(config.warmup.get("models", ()) or
+                 (("teacher",) if method.teacher_to_student else MODELS))
+  if set(models) - set(MODELS):
+    raise ValueError(f"warmup.models must be a subset of {MODELS}, got {models}")
+  if _teacher_init(config):
+    models = tuple(m for m in models if m != "teacher")
+  return models
+
+
+def phases_for(config, method) -> list[tuple[Phase, Any]]:
+  """The schedule: (phase, its config section) in order. The control trains the distillation
+  phase's models from the same start without the method (for teacher->student methods: the
+  student alone from scratch, i.e. the no-KD student)."""
+  out = [(Phase("warmup", warmup_models(config, method), False), config.warmup)]
   if config.distill.epochs:
-    out.append((Phase("distill", MODELS, True), config.distill))
+    out.append((Phase("distill", tuple(method.learners), True), config.distill))
     if config.control:
-      out.append((Phase("control", MODELS, False), config.distill))
+      out.append((Phase("control", tuple(m for m in method.learners if m in MODELS), False),
+                  config.distill))
   return out
+
+
+def _teacher_init(config) -> str:
+  return config.get("teacher_init", "") or ""
 
 
 class Experiment:
   """Everything a run needs that does not change between phases: data, models, method, mesh,
-  evaluators and the device copies of the training pairs."""
+  evaluators and the device copies of the training examples."""
 
   def __init__(self, config):
     from kdrec_jax import data as kdata
@@ -265,86 +332,175 @@ class Experiment:
                                   protocol=ev.protocol, num_negatives=ev.num_negatives)
         for split in ("val", "test")}
     self.key = jax.random.key(config.seed)
-    self._refresh = jax.jit(self.method.refresh)
+    self._refresh = jax.jit(self.method.refresh) if self.method.refresh else None
+    self._prepare = jax.jit(self.method.prepare) if self.method.prepare else None
 
-  def evaluate(self, state, splits=("val", "test")) -> dict:
+  def evaluate(self, state, splits=("val", "test"), models=MODELS) -> dict:
     key = jax.random.fold_in(self.key, 7)  # the sampled protocol's negatives: fixed per run
     return {m: {s: self.evaluators[s](self.models[m].score_all, state[m]["params"], key)
-                for s in splits} for m in MODELS}
+                for s in splits} for m in models}
 
-  def refresh(self, snapshot):
+  def refresh(self, static, params, carry, key, epoch):
+    """The method's (cache, carry) for `epoch` (jitted, traced epoch)."""
     with ranking.x64():
-      return self._refresh(snapshot)
+      return self._refresh(static, params, carry, key, jnp.int32(epoch))
 
-  def optimizers(self, phase_cfg):
-    return {m: make_optimizer(phase_cfg[m]) for m in MODELS}
+  def prepare(self, teacher_params):
+    if self._prepare is None:
+      return {}
+    with ranking.x64():
+      return self._prepare(teacher_params)
+
+  def hparams(self) -> dict:
+    return {k: jnp.float32(v) for k, v in self.method.hparams.items()}
+
+  def optimizers(self, phase_cfg, learners=(*MODELS, "method")):
+    """Optimizers for `learners` (the method's own networks use `phase_cfg.method`, default the
+    student's settings)."""
+    def cfg(learner):
+      if learner == "method":
+        return phase_cfg.get("method", None) or phase_cfg.student
+      return phase_cfg[learner]
+    return {learner: make_optimizer(cfg(learner)) for learner in learners}
 
 
-def _snapshot(state):
-  """Copies of both models' params (copies: the step donates the live ones)."""
-  return {m: jax.tree.map(jnp.copy, state[m]["params"]) for m in MODELS}
+# ---------------------------------------------------------------------------------------------
+# Early stopping: evaluation every `eval_every` epochs, best state kept, test at the best epoch.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStop:
+  """Stops a phase after `patience` validations without improvement of `metric` of `model`."""
+  patience: int
+  metric: str
+  model: str
+
+  @classmethod
+  def of(cls, pcfg, phase: Phase, config) -> "EarlyStop":
+    patience = int(pcfg.get("patience", 0) or 0)
+    model = pcfg.get("stop_model", "") or ("student" if "student" in phase.train else "teacher")
+    if patience and not config.eval_every:
+      raise ValueError(f"[{phase.name}] early stopping (patience {patience}) needs eval_every > 0")
+    return cls(patience, pcfg.get("stop_metric", "NDCG@10"), model)
+
+  @property
+  def on(self) -> bool:
+    return self.patience > 0
+
+  def init(self, state, phase: Phase) -> dict:
+    if not self.on:
+      return {}
+    return {"params": {x: jax.tree.map(jnp.copy, state[x]["params"]) for x in phase.train},
+            "epoch": jnp.int32(0), "value": jnp.float32(-np.inf), "bad": jnp.int32(0)}
+
+  def update(self, best: dict, val: dict, state, phase: Phase, epoch: int) -> dict:
+    value = val[self.model]["val"][self.metric]
+    if value > float(best["value"]):
+      return {"params": {x: jax.tree.map(jnp.copy, state[x]["params"]) for x in phase.train},
+              "epoch": jnp.int32(epoch), "value": jnp.float32(value), "bad": jnp.int32(0)}
+    return dict(best, bad=best["bad"] + 1)
+
+  def stopped(self, best: dict) -> bool:
+    return self.on and int(best["bad"]) >= self.patience
 
 
-def _saved(state):
-  """The part of the state a checkpoint holds (the method's tables are rebuilt from 'snapshot')."""
-  return {k: v for k, v in state.items() if k != "method" and not (k == "snapshot" and not v)}
+def _saved(state, phase: Phase, best: dict) -> dict:
+  """What a phase's checkpoint holds: the step, its learners (params and optimizer states), the
+  snapshot and carry if any, and the early-stopping record. Frozen models are left out; the
+  method's static lists and cache are rebuilt from the teacher and the snapshot."""
+  out = {"step": state["step"]}
+  out.update({learner: state[learner] for learner in phase.train})
+  for k in ("snapshot", "carry"):
+    if state.get(k):
+      out[k] = state[k]
+  if best:
+    out["best"] = best
+  return out
 
 
-def _load_teacher(exp: Experiment, state, path: str):
+def _phase_result_params(path: str, phase: str) -> dict:
+  """{learner: params} a finished phase in workdir `path` ended with (its best state when it
+  stopped early), read from its latest checkpoint as saved."""
   from kdrec_jax.checkpoint import PhaseCheckpoints
-  ckpt = PhaseCheckpoints(os.path.join(path, "checkpoints"), "warmup")
-  if ckpt.latest_epoch() is None:
-    raise FileNotFoundError(f"teacher_checkpoint: no warm-up checkpoint under {path}/checkpoints")
-  like = {"teacher": state["teacher"], "student": state["student"], "step": state["step"]}
-  restored = ckpt.restore(like)
-  logging.info("Loaded the teacher from %s (warm-up epoch %d).", ckpt.directory,
-               ckpt.latest_epoch())
-  return restored["teacher"]["params"]
+  ckpt = PhaseCheckpoints(os.path.join(path, "checkpoints"), phase)
+  raw = ckpt.restore_raw()
+  if "best" in raw:
+    return dict(raw["best"]["params"])
+  return {k: v["params"] for k, v in raw.items() if isinstance(v, dict) and "params" in v}
+
+
+def _finished_phases(path: str) -> dict:
+  results_path = os.path.join(path, "results.json")
+  if not os.path.exists(results_path):
+    return {}
+  with open(results_path) as f:
+    return json.load(f).get("phases", {})
 
 
 def _finished_warmup(path: str, epochs: int):
-  """(checkpoints, results) of the finished `epochs`-epoch warm-up in the workdir `path`."""
+  """(params, results) of the finished `epochs`-epoch warm-up in the workdir `path`."""
   from kdrec_jax.checkpoint import PhaseCheckpoints
   ckpt = PhaseCheckpoints(os.path.join(path, "checkpoints"), "warmup")
-  results_path = os.path.join(path, "results.json")
-  phases = {}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      phases = json.load(f).get("phases", {})
-  if "warmup" not in phases or ckpt.latest_epoch() != epochs:
+  phases = _finished_phases(path)
+  done = "warmup" in phases and (ckpt.latest_epoch() == epochs
+                                 or phases["warmup"].get("stopped_early"))
+  if not done:
     raise FileNotFoundError(f"warmup_from: {path} holds no finished {epochs}-epoch warm-up "
                             f"(results.json phases {sorted(phases)}, latest warm-up checkpoint "
                             f"{ckpt.latest_epoch()})")
-  logging.info("Starting from the warm-up in %s (both models).", path)
-  return ckpt, phases["warmup"]
+  logging.info("Starting from the warm-up in %s.", path)
+  return _phase_result_params(path, "warmup"), phases["warmup"]
 
 
-def _initial_state(exp: Experiment, phase: Phase, opts, warm_ckpt):
-  """A phase's starting state and the models it trains: fresh for the warm-up (with a loaded
-  teacher if configured), else the end of warm-up with fresh optimizer states."""
-  config = exp.config
-  state = init_state(exp.key, exp.models, opts)
-  train_models = phase.train
-  if phase.name == "warmup" and config.teacher_checkpoint:
-    params = _load_teacher(exp, state, config.teacher_checkpoint)
-    state["teacher"] = {"params": params, "opt": opts["teacher"].init(params)}
-    train_models = ("student",)
-  elif phase.name != "warmup":
-    like = _saved(init_state(exp.key, exp.models, exp.optimizers(config.warmup)))
-    start = warm_ckpt.restore(like, epoch=config.warmup.epochs)
-    for m in MODELS:
-      state[m] = {"params": start[m]["params"], "opt": opts[m].init(start[m]["params"])}
-  if phase.distill:
-    state["snapshot"] = _snapshot(state)
-  return state, dataclasses.replace(phase, train=train_models)
+def load_teacher(path: str, like):
+  """The teacher's params from `path`: a workdir with a finished warm-up that trained the teacher
+  (its best state if it stopped early), or a params directory written by
+  `checkpoint.save_params`. Checked against the structure of `like`."""
+  from kdrec_jax import checkpoint
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    phases = _finished_phases(path)
+    if "warmup" not in phases:
+      raise FileNotFoundError(f"teacher_init: {path} has no finished warm-up (results.json "
+                              f"phases {sorted(phases)})")
+    params = _phase_result_params(path, "warmup").get("teacher")
+    if params is None:
+      raise FileNotFoundError(f"teacher_init: the warm-up in {path} did not train a teacher")
+  elif checkpoint.is_params_dir(path):
+    params = checkpoint.load_params(path)
+  else:
+    raise FileNotFoundError(f"teacher_init: {path} is neither a workdir (no checkpoints/) nor a "
+                            "params directory (see kdrec_jax.checkpoint.save_params)")
+  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), like)
+  got = jax.tree.map(lambda x: (tuple(np.shape(x)), str(np.asarray(x).dtype)), params)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise ValueError(f"teacher_init: the params in {path} do not fit the configured teacher "
+                     f"(expected {want}, found {got})")
+  return jax.tree.map(jnp.asarray, params)
+
+
+def _check_teacher(workdir: str, source: str, params) -> dict:
+  """Records which frozen teacher this workdir distils from; a different one is an error."""
+  record = {"source": source, "sha256": params_hash(params)}
+  path = os.path.join(workdir, "teacher.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old["sha256"] != record["sha256"]:
+      raise ValueError(f"{workdir} was distilled from the teacher {old['source']} (sha256 "
+                       f"{old['sha256'][:12]}...), but this run's teacher is {source} (sha256 "
+                       f"{record['sha256'][:12]}...); use a new workdir")
+  else:
+    _write_json_atomic(path, record)
+  return record
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the whole schedule in `workdir`, resuming from its checkpoints; returns the results.
 
   Results (also written to `<workdir>/results.json`): for each finished phase ('warmup',
-  'distill', 'control'), each model's validation and test metrics at the phase's end.
-  `config.max_epochs_per_run` > 0 stops (checkpointed) after that many epochs in this call.
+  'distill', 'control'), the validation and test metrics of its models at the phase's end (at
+  the best validation epoch when the phase stops early). `config.max_epochs_per_run` > 0 stops
+  (checkpointed) after that many epochs in this call.
   """
   from kdrec_jax.checkpoint import PhaseCheckpoints
   os.makedirs(workdir, exist_ok=True)
@@ -354,26 +510,47 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = {"dataset": repr(exp.data), "config": config.to_dict(), "phases": {}}
   if os.path.exists(results_path):
     with open(results_path) as f:
-      results["phases"] = json.load(f).get("phases", {})
+      old = json.load(f)
+    results["phases"] = old.get("phases", {})
+    if "teacher" in old:
+      results["teacher"] = old["teacher"]
   logging.info("%s; %d device(s); method %s", exp.data, exp.mesh.devices.size, exp.method.name)
   budget = [config.get("max_epochs_per_run", 0) or None]  # epochs left in this call
   ckpt_root = os.path.join(workdir, "checkpoints")
+  teacher_path = _teacher_init(config)
+  loaded = {}  # model -> (params, source) from outside this workdir's warm-up
+  if teacher_path:
+    like = exp.models["teacher"].init(jax.random.key(0))
+    loaded["teacher"] = (load_teacher(teacher_path, like), teacher_path)
+    logging.info("Teacher loaded from %s.", teacher_path)
   if config.get("warmup_from"):  # another workdir's finished warm-up replaces this one's
-    warm_ckpt, warm_results = _finished_warmup(config.warmup_from, config.warmup.epochs)
+    params, warm_results = _finished_warmup(config.warmup_from, config.warmup.epochs)
+    for m, p in params.items():
+      if m in MODELS:
+        loaded.setdefault(m, (p, f"{config.warmup_from} (warm-up)"))
     if "warmup" not in results["phases"]:
       results["phases"]["warmup"] = warm_results
       _write_json_atomic(results_path, results)
-  else:
-    warm_ckpt = PhaseCheckpoints(ckpt_root, "warmup")
 
-  for phase_index, (phase, pcfg) in enumerate(phases_for(config)):
+  for phase_index, (phase, pcfg) in enumerate(phases_for(config, exp.method)):
     if phase.name in results["phases"]:
       continue
-    opts = exp.optimizers(pcfg)
+    starts = {m: p for m, (p, _) in loaded.items()}
+    if phase.name != "warmup" and not config.get("warmup_from"):
+      trained = phases_for(config, exp.method)[0][0].train
+      if trained:
+        params = _phase_result_params(workdir, "warmup")
+        starts.update({m: params[m] for m in trained})
+    opts = exp.optimizers(pcfg, phase.train)
+    state = _initial_state(exp, phase, opts, starts)
+    if phase.name != "warmup" and "teacher" not in phase.train:
+      source = loaded.get("teacher", (None, f"{workdir} (warm-up)"))[1]
+      results["teacher"] = _check_teacher(workdir, source, state["teacher"]["params"])
     ckpt = PhaseCheckpoints(ckpt_root, phase.name, max_to_keep=config.checkpoint_keep)
-    state, phase = _initial_state(exp, phase, opts, warm_ckpt)
+    # Evaluated: the phase's models, and a teacher that is not a fresh init (for reference).
+    evaluated = tuple(m for m in MODELS if m in phase.train or m in starts)
     finished = _run_phase(exp, phase, pcfg, opts, state, ckpt, writer, budget,
-                          jax.random.fold_in(exp.key, phase_index))
+                          jax.random.fold_in(exp.key, phase_index), evaluated)
     if not finished:
       logging.info("Stopped after max_epochs_per_run; rerun the command to resume.")
       break
@@ -382,37 +559,85 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
+def _initial_state(exp: Experiment, phase: Phase, opts, starts: dict):
+  """A phase's starting state: fresh params from the run's key (the student of a
+  teacher->student method starts from scratch), replaced by `starts` ({model: params}: a loaded
+  teacher, the warm-up's results), with fresh optimizer states for the learners."""
+  state = init_state(exp.key, exp.models, {}, exp.method if phase.distill else None)
+  for m, params in starts.items():
+    state[m] = {"params": jax.tree.map(jnp.array, params)}  # copies: the epoch donates them
+  for learner, opt in opts.items():
+    state[learner]["opt"] = opt.init(state[learner]["params"])
+  return state
+
+
+def _refresh(exp: Experiment, phase: Phase, state, key, epoch: int, resume: bool = False):
+  """Rebuilds the method's cache for `epoch` (a refresh epoch). On a mid-period resume the cache
+  is recomputed from the checkpointed snapshot (same inputs, same tables) and the carry kept."""
+  method = exp.method
+  if not resume:
+    snap = {m: jax.tree.map(jnp.copy, state[m]["params"])
+            for m in method.refresh_reads if m in phase.train}
+    if state["carry"]:
+      snap["carry"] = jax.tree.map(jnp.copy, state["carry"])
+    state["snapshot"] = snap if method.refresh_every != 1 else {}
+  else:
+    snap = state["snapshot"]
+  params = {m: snap[m] if m in snap else state[m]["params"] for m in method.refresh_reads}
+  cache, carry = exp.refresh(state["static"], params, snap.get("carry", state["carry"]),
+                             jax.random.fold_in(key, epoch), epoch)
+  state["cache"] = cache
+  if not resume:
+    state["carry"] = carry
+
+
 def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, budget,
-               phase_key):
-  """Trains one phase from its latest checkpoint (or `state`); returns its final evaluation, or
-  None if the epoch budget ran out first (after checkpointing)."""
-  config = exp.config
+               phase_key, evaluated=MODELS):
+  """Trains one phase from its latest checkpoint (or `state`); returns the final evaluation of
+  the `evaluated` models, or None if the epoch budget ran out first (after checkpointing)."""
+  config, method = exp.config, exp.method
+  early = EarlyStop.of(pcfg, phase, config)
+  best = early.init(state, phase)
+  every = method.refresh_every
+  uses_refresh = phase.distill and method.refresh is not None
+  if uses_refresh and every != 1:  # the structure a checkpoint's snapshot has
+    state["snapshot"] = {m: state[m]["params"] for m in method.refresh_reads if m in phase.train}
+    if state["carry"]:
+      state["snapshot"]["carry"] = state["carry"]
   epoch = 0
   if ckpt.latest_epoch() is not None:
     epoch = ckpt.latest_epoch()
-    state.update(ckpt.restore(_saved(state)))
+    restored = ckpt.restore(_saved(state, phase, best))
+    best = restored.pop("best", best)
+    state.update(restored)
     logging.info("[%s] resumed at epoch %d from %s", phase.name, epoch, ckpt.directory)
-  every = exp.method.refresh_every
+  if not phase.train:  # nothing to train (e.g. the warm-up of a loaded teacher)
+    evals = exp.evaluate(state, models=evaluated)
+    writer.write(phase=phase.name, epoch=0, final=True, eval=evals)
+    return dict(evals, seconds=0.0, epochs=0)
   refresh_due = lambda e: e % every == 0 if every else e == 0  # noqa: E731
-  if phase.distill and epoch < pcfg.epochs and not refresh_due(epoch):
-    state["method"] = exp.refresh(state["snapshot"])  # mid-period resume: same tables as before
+  refresh_key = jax.random.fold_in(phase_key, 1 << 30)
+  if phase.distill:
+    state["hparams"] = exp.hparams()
+    state["static"] = exp.prepare(state["teacher"]["params"])
+    if uses_refresh and epoch < pcfg.epochs and not refresh_due(epoch):
+      last = epoch - epoch % every if every else 0
+      _refresh(exp, phase, state, refresh_key, last, resume=True)
   # Place the state as the epoch returns it (replicated on the mesh): one compilation per phase.
   replicated = jax.sharding.NamedSharding(exp.mesh, P())
   state = jax.device_put(state, replicated)
-  step_fn = make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                            exp.data.num_items)
+  step_fn = make_train_step(phase, exp.models, method, opts, exp.train_csr, exp.data.num_items)
   run_epoch, _ = make_epoch(step_fn, exp.mesh, exp.num_examples, config.batch_size)
   t_phase = t_log = time.time()
   logged_epoch = epoch
-  while epoch < pcfg.epochs:
+  while epoch < pcfg.epochs and not early.stopped(best):
     if budget[0] is not None and budget[0] <= 0:
-      ckpt.save(epoch, _saved(state))
+      ckpt.save(epoch, _saved(state, phase, best))
       return None
-    if phase.distill and refresh_due(epoch):
-      state["snapshot"] = _snapshot(state)
-      state["method"] = exp.refresh(state["snapshot"])
+    if uses_refresh and refresh_due(epoch):
+      _refresh(exp, phase, state, refresh_key, epoch)
       state = jax.device_put(state, replicated)
-    state, metrics = run_epoch(state, exp.examples, jax.random.fold_in(phase_key, epoch))
+    state, metrics = run_epoch(state, exp.examples, jax.random.fold_in(phase_key, epoch), epoch)
     epoch += 1
     if budget[0] is not None:
       budget[0] -= 1
@@ -426,23 +651,38 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
         raise FloatingPointError(f"[{phase.name}] epoch {epoch}: non-finite loss {losses}")
       writer.write(phase=phase.name, epoch=epoch, seconds_per_epoch=dt, examples_per_s=n / dt,
                    **losses)
-      logging.info("[%s] epoch %d/%d  loss T %.4f S %.4f  %.2f s/epoch  %.0f ex/s", phase.name,
-                   epoch, pcfg.epochs, losses["loss_teacher"], losses["loss_student"], dt, n / dt)
-    if config.eval_every and epoch % config.eval_every == 0 and epoch < pcfg.epochs:
-      val = exp.evaluate(state, splits=("val",))
+      logging.info("[%s] epoch %d/%d  loss %s  %.2f s/epoch  %.0f ex/s", phase.name, epoch,
+                   pcfg.epochs, " ".join(f"{x[0].upper()} {losses[f'loss_{x}']:.4f}"
+                                         for x in phase.train if f"loss_{x}" in losses),
+                   dt, n / dt)
+    if config.eval_every and epoch % config.eval_every == 0 and (epoch < pcfg.epochs
+                                                                 or early.on):
+      val = exp.evaluate(state, splits=("val",), models=tuple(m for m in MODELS
+                                                              if m in phase.train))
+      if early.on:
+        best = early.update(best, val, state, phase, epoch)
       writer.write(phase=phase.name, epoch=epoch, eval=val)
       logging.info("[%s] epoch %d val %s", phase.name, epoch, _summary(val, "val"))
-    if epoch % config.checkpoint_every == 0 or epoch == pcfg.epochs:
-      ckpt.save(epoch, _saved(state))
+    if (epoch % config.checkpoint_every == 0 or epoch == pcfg.epochs
+        or early.stopped(best)):
+      ckpt.save(epoch, _saved(state, phase, best))
   if pcfg.epochs == 0:
-    ckpt.save(0, _saved(state))
-  evals = exp.evaluate(state)
-  evals["seconds"] = time.time() - t_phase
+    ckpt.save(0, _saved(state, phase, best))
+  extra = {"epochs": epoch}
+  if early.on:
+    state = dict(state, **{x: {"params": best["params"][x]} for x in phase.train})
+    extra.update(best_epoch=int(best["epoch"]), stopped_early=early.stopped(best),
+                 stop_metric=f"{early.model} val {early.metric}")
+  evals = exp.evaluate(state, models=evaluated)
+  evals.update(extra, seconds=time.time() - t_phase)
   writer.write(phase=phase.name, epoch=epoch, final=True, eval=evals)
-  logging.info("[%s] done: test %s", phase.name, _summary(evals, "test"))
+  logging.info("[%s] done after %d epochs%s: test %s", phase.name, epoch,
+               f" (best epoch {extra['best_epoch']})" if early.on else "",
+               _summary(evals, "test"))
   return evals
 
 
-def _summary(evals, split, keys=("HR@50", "NDCG@50")) -> str:
+def _summary(evals, split, keys=("HR@50", "NDCG@50", "Recall@20", "NDCG@20")) -> str:
   return "  ".join(f"{m[0].upper()} " + " ".join(f"{k} {evals[m][split][k]:.4f}" for k in keys
-                                                   if k in evals[m][split]) for m in MODELS)
+                                                   if k in evals[m][split])
+                   for m in MODELS if m in evals)

@@ -233,7 +233,8 @@ def test_bd_loss_matches_numpy():
       "teacher": (jnp.array([[5, 6], [9, 3], [1, 1], [0, 2], [7, 1]], jnp.int32),
                   jnp.array([True, False, True, True, True])),
   }
-  out, aux = jax.jit(method.loss)(params, users, weight, samples)
+  batch = {"user": users, "weight": weight}
+  out, aux = jax.jit(method.loss)(params, batch, samples, method.hparams)
 
   p = {m: {k: np.asarray(v, np.float64) for k, v in params[m].items()} for m in params}
   u = np.asarray(users)
@@ -250,7 +251,7 @@ def test_bd_loss_matches_numpy():
 
   # Each direction's loss moves only its learner: the guide is stop-gradient.
   for learner, guide in (("student", "teacher"), ("teacher", "student")):
-    g = jax.grad(lambda prm: method.loss(prm, users, weight, samples)[0][learner])(params)
+    g = jax.grad(lambda prm: method.loss(prm, batch, samples, method.hparams)[0][learner])(params)
     for leaf in jax.tree.leaves(g[guide]):
       np.testing.assert_array_equal(np.asarray(leaf), 0.0)
     assert any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(g[learner]))
@@ -286,7 +287,8 @@ def test_bd_loss_user_batches_matches_numpy():
   samples = {m: (jnp.asarray(rng.random((b, data.num_items)) < 0.3, jnp.float32),
                  jnp.array([True, True, False, True])) for m in mods}
   users = jnp.array([0, 1, 2, 3], jnp.int32)
-  out, aux = jax.jit(method.loss)(logits, users, weight, samples)
+  batch = {"user": users, "weight": weight}
+  out, aux = jax.jit(method.loss)(logits, batch, samples, method.hparams)
   for learner, guide, lam in (("student", "teacher", cfg.lambda_ts),
                               ("teacher", "student", cfg.lambda_st)):
     mask, valid = (np.asarray(x, np.float64) for x in samples[learner])
@@ -295,7 +297,7 @@ def test_bd_loss_user_batches_matches_numpy():
     bce = np.sum(w * _bce(z_l, _sigmoid(z_g / cfg.tau)))
     np.testing.assert_allclose(float(out[learner]), lam * bce, rtol=1e-5)
     np.testing.assert_allclose(float(aux[f"bd_{learner}"]), bce, rtol=1e-5)
-  g = jax.grad(lambda z: method.loss(z, users, weight, samples)[0]["student"])(logits)
+  g = jax.grad(lambda z: method.loss(z, batch, samples, method.hparams)[0]["student"])(logits)
   np.testing.assert_array_equal(np.asarray(g["teacher"]), 0.0)  # the guide is stop-gradient
   with pytest.raises(ValueError, match="pair-batched"):
     methods.make(bd_config(bpr_negative="bd_sample"), mods, data)

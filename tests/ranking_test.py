@@ -277,6 +277,16 @@ def bd_setup(model="bpr_mf", **overrides):
   return data, mods, method, snapshot, cfg
 
 
+def refresh_cache(method, snapshot):
+  """The method's cache after one refresh from `snapshot` (no static lists, no carry)."""
+  return jax.jit(method.refresh)({}, snapshot, {}, jax.random.key(0), 0)[0]
+
+
+def sample_batch(method, cache, users, keys):
+  return jax.jit(lambda c, u, k: method.sample({"cache": c}, {"user": u}, k, None))(
+      cache, users, keys)
+
+
 def np_bd_weights(mods, data, snapshot, cfg, user):
   """BD's weights for one user from the models' scores, ranked in numpy."""
   indptr, indices = data.split("train")
@@ -302,7 +312,7 @@ def np_bd_weights(mods, data, snapshot, cfg, user):
 def test_bd_sampler_frequencies(mode):
   data, mods, method, snapshot, cfg = bd_setup(**mode)
   with ranking.x64():
-    state = jax.jit(method.refresh)(snapshot)
+    state = refresh_cache(method, snapshot)
   if cfg.table_budget_mb == 0:
     assert set(state) == {"snapshot"}
   else:
@@ -312,7 +322,7 @@ def test_bd_sampler_frequencies(mode):
   n = 30_000
   users = jnp.asarray(np.repeat(test_users, n).astype(np.int32))
   keys = jax.random.split(jax.random.key(4), len(users))
-  samples = jax.jit(method.sample)(state, users, keys)
+  samples = sample_batch(method, state, users, keys)
   for i, u in enumerate(test_users):
     w_student, w_teacher, positives = np_bd_weights(mods, data, snapshot, cfg, u)
     assert w_student.sum() > 0 and np.count_nonzero(w_student) >= 2  # a non-trivial test
@@ -329,7 +339,7 @@ def test_bd_refresh_tables_hold_cumulative_weights():
   """The refresh's tables, row by row, are the cumulative numpy weights for every user."""
   data, mods, method, snapshot, cfg = bd_setup()
   with ranking.x64():
-    tables = jax.jit(method.refresh)(snapshot)
+    tables = refresh_cache(method, snapshot)
   for u in range(data.num_users):
     w_student, w_teacher, _ = np_bd_weights(mods, data, snapshot, cfg, u)
     np.testing.assert_allclose(np.diff(np.asarray(tables["table_student"][u]), prepend=0),
@@ -406,7 +416,7 @@ def test_bd_sampler_user_batches(budget):
   data, mods, method, snapshot, cfg = bd_setup("cdae", num_samples=3, eps_t=0.2,
                                                 table_budget_mb=budget)
   with ranking.x64():
-    state = jax.jit(method.refresh)(snapshot)
+    state = refresh_cache(method, snapshot)
   test_users = (1, 3)
   if budget:
     for u in test_users:  # the tables hold the weights themselves
@@ -415,7 +425,8 @@ def test_bd_sampler_user_batches(budget):
       np.testing.assert_allclose(np.asarray(state["table_teacher"][u]), w_teacher, rtol=1e-6)
   n = 20_000
   users = jnp.asarray(np.repeat(test_users, n).astype(np.int32))
-  samples = jax.jit(method.sample)(state, users, jax.random.split(jax.random.key(4), len(users)))
+  samples = sample_batch(method, state, users,
+                         jax.random.split(jax.random.key(4), len(users)))
   indptr = data.split("train")[0]
   for i, u in enumerate(test_users):
     w_student, w_teacher, positives = np_bd_weights(mods, data, snapshot, cfg, u)

@@ -48,13 +48,20 @@ def distill_setup(citeulike_file):
   cfg = quick_config(citeulike_file, num_devices=1)
   exp = train.Experiment(cfg)
   opts = exp.optimizers(cfg.distill)
-  state = train.init_state(exp.key, exp.models, opts)
-  state["snapshot"] = {m: _copy(state[m]["params"]) for m in MODELS}
-  state["method"] = exp.refresh(state["snapshot"])
+  state = _distill_state(exp, opts)
   phase = train.Phase("distill", MODELS, True)
   step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
                                exp.data.num_items)
   return cfg, exp, opts, state, step
+
+
+def _distill_state(exp, opts):
+  """A fresh state with the method's hyperparameters and the cache of a refresh at epoch 0."""
+  state = train.init_state(exp.key, exp.models, opts, exp.method)
+  state["snapshot"] = {m: _copy(state[m]["params"]) for m in MODELS}
+  state["hparams"] = exp.hparams()
+  state["cache"], state["carry"] = exp.refresh({}, state["snapshot"], {}, jax.random.key(0), 0)
+  return state
 
 
 def _assert_params_close(a, b, rtol=1e-5, atol=1e-6):
@@ -114,9 +121,7 @@ def test_user_batched_distill_epoch_4_devices_matches_1(citeulike_file):
   exp = train.Experiment(cfg)
   assert exp.num_examples == exp.data.num_users and set(exp.examples) == {"user"}
   opts = exp.optimizers(cfg.distill)
-  state0 = train.init_state(exp.key, exp.models, opts)
-  state0["snapshot"] = {m: _copy(state0[m]["params"]) for m in MODELS}
-  state0["method"] = exp.refresh(state0["snapshot"])
+  state0 = _distill_state(exp, opts)
   step = train.make_train_step(train.Phase("distill", MODELS, True), exp.models, exp.method,
                                opts, exp.train_csr, exp.data.num_items)
   out = {}
@@ -233,11 +238,11 @@ def _metrics_only(results):
 
 def _restore_distill(cfg, workdir):
   exp = train.Experiment(cfg)
-  state = train.init_state(exp.key, exp.models, exp.optimizers(cfg.distill))
-  state["snapshot"] = {m: _copy(state[m]["params"]) for m in MODELS}
+  state = train.init_state(exp.key, exp.models, exp.optimizers(cfg.distill, MODELS))
   ckpt = PhaseCheckpoints(os.path.join(workdir, "checkpoints"), "distill")
   assert ckpt.latest_epoch() == cfg.distill.epochs
-  like = {k: v for k, v in state.items() if k != "method"}  # what a distill checkpoint holds
+  like = {"step": state["step"], **{m: state[m] for m in MODELS},  # what a distill checkpoint holds
+          "snapshot": {m: state[m]["params"] for m in MODELS}}
   return _np(ckpt.restore(like))
 
 
@@ -283,10 +288,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(uninterrupted_run, citeul
   assert int(a["step"]) == int(b["step"])
 
 
-def test_teacher_checkpoint_trains_only_the_student(uninterrupted_run, citeulike_file,
+def test_teacher_init_trains_only_the_student(uninterrupted_run, citeulike_file,
                                                     tmp_path):
   _, workdir_a, results_a = uninterrupted_run
-  cfg = _resume_config(citeulike_file, teacher_checkpoint=workdir_a, distill__epochs=0)
+  cfg = _resume_config(citeulike_file, teacher_init=workdir_a, distill__epochs=0)
   results = train.train_and_evaluate(cfg, str(tmp_path / "run_c"))
   assert set(results["phases"]) == {"warmup"}
   got, want = results["phases"]["warmup"], results_a["phases"]["warmup"]
@@ -297,9 +302,9 @@ def test_teacher_checkpoint_trains_only_the_student(uninterrupted_run, citeulike
   for split in ("val", "test"):
     for name, v in want["student"][split].items():
       assert got["student"][split][name] == pytest.approx(v, abs=1e-6), (split, name)
-  with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
+  with pytest.raises(FileNotFoundError, match="teacher_init"):
     train.train_and_evaluate(
-        _resume_config(citeulike_file, teacher_checkpoint=str(tmp_path / "nowhere"),
+        _resume_config(citeulike_file, teacher_init=str(tmp_path / "nowhere"),
                        distill__epochs=0), str(tmp_path / "run_d"))
 
 

@@ -1,35 +1,81 @@
 """Knowledge-distillation methods as data: each is a `Method`, a bundle of pure functions that the
-one train step calls. Adding a method never touches the step or the loop."""
+one train step and the schedule call. Adding a method never touches the step or the loop.
+
+A method says which learners its distillation phase trains ('teacher', 'student' and, for
+methods with networks of their own, 'method'); the other models are frozen (replicated, never
+updated, their own loss not computed, left out of that phase's checkpoints).
+"""
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+LEARNERS = ("teacher", "student", "method")
+NAMES = ("bd", "none", "cd", "rd", "de", "rrd", "de_rrd", "dcd")
 
 
 class Method(NamedTuple):
   """A distillation method.
 
-  refresh(snapshot) -> method_state: rebuilds the method's per-refresh state (e.g. sampling
-    tables) from `snapshot` = {'teacher': params, 'student': params}; jittable and deterministic,
-    so a checkpoint only stores the snapshot.
-  refresh_every: epochs between refreshes (0: refresh once at the start of distillation).
-  sample(method_state, users [B], keys [B]) -> samples: per-example draws (one key per example,
-    so results do not depend on how the batch is split over devices).
-  loss(params, users [B], weight [B], samples) -> ({'teacher': l, 'student': l}, aux): the
-    distillation terms added to each model's own loss; guides' outputs are stop-gradient.
-  cf_negatives(samples, uniform) -> {'teacher': neg [B], 'student': neg [B]} or None: negatives
-    for the models' own losses, when a method replaces the uniform ones.
+  learners: which of 'teacher', 'student', 'method' learn in the distillation phase (BD: teacher
+    and student; teacher->student methods: the student; DE: the student and its experts).
+  loss(outputs, batch, samples, hp) -> ({learner: term}, aux): the distillation terms added to
+    each learner's own loss. outputs: {'teacher', 'student'}: the models' params (pair batches)
+    or training-mode logits [B, I] (user batches), plus 'method': the method's params if any.
+    batch: {'user' [B], 'pos' [B] (pairs), 'neg': {model: [B]} (the models' own negatives,
+    pairs), 'weight' [B] (0 for padding)}. hp: the traced hyperparameters (`hparams`) plus
+    'epoch' (int32). Terms are this device's share of a sum over the global batch: losses over
+    a set gathered from all devices (e.g. the batch's unique users) divide by the device count
+    (`parallel.replicated_share`).
+  sample(view, batch, keys, key) -> samples: per-example draws (keys: one PRNG key per example,
+    so results do not depend on how the batch is split over devices) and global ones (key: the
+    same on every device). view: {'static', 'cache', 'carry', 'hparams', 'epoch'}.
+  prepare(teacher_params) -> static: per-phase constants computed once from the frozen teacher
+    (e.g. its top-M unobserved items per user, under a memory budget); jittable.
+  refresh(static, params, carry, key, epoch) -> (cache, carry): per-period state (sampling
+    tables, per-epoch random sets) from the models' params, every `refresh_every` epochs
+    (0: once, at the start of the phase). Deterministic in its inputs, so a checkpoint stores
+    only the trained models' params at the last refresh ('snapshot') and the carry.
+  refresh_reads: the models whose params `refresh` reads.
+  hparams: {name: float}: hyperparameters the step receives as traced values (changing them
+    never recompiles).
+  init(key) -> params of the method's own networks (flax), trained when 'method' is a learner.
+  init_carry() -> carry: state the step writes (via `update_carry(carry, batch, samples)`) and
+    the checkpoint keeps.
+  cf_negatives(samples, uniform) -> {model: neg [B]}: negatives for the models' own losses, when
+    a method replaces the uniform ones.
   """
   name: str
-  refresh: Callable[[Any], Any]
-  refresh_every: int
-  sample: Callable
   loss: Callable
+  learners: tuple[str, ...] = ("teacher", "student")
+  sample: Optional[Callable] = None
+  prepare: Optional[Callable] = None
+  refresh: Optional[Callable] = None
+  refresh_every: int = 0
+  refresh_reads: tuple[str, ...] = ()
+  hparams: Mapping[str, float] = {}
+  init: Optional[Callable[[Any], Any]] = None
+  init_carry: Optional[Callable[[], Any]] = None
+  update_carry: Optional[Callable] = None
   cf_negatives: Optional[Callable] = None
+
+  @property
+  def teacher_to_student(self) -> bool:
+    """True when the teacher is frozen in the distillation phase."""
+    return "teacher" not in self.learners
 
 
 def make(cfg, models, data) -> Method:
   """Builds the method named by `cfg.name` for `models` = {'teacher': Model, 'student': Model}."""
-  if cfg.name == "bd":
-    from kdrec_jax.methods import bd
-    return bd.make(cfg, models, data)
-  raise ValueError(f"unknown method {cfg.name!r}; available: bd")
+  import importlib
+  if cfg.name not in NAMES:
+    raise ValueError(f"unknown method {cfg.name!r}; available: {', '.join(NAMES)}")
+  module = importlib.import_module(f"kdrec_jax.methods.{cfg.name}")
+  return module.make(cfg, models, data)
+
+
+def require_pairs(name: str, models) -> None:
+  """A clear error for methods defined on (user, positive) pair batches."""
+  for role in ("teacher", "student"):
+    if models[role].batching != "pairs":
+      raise ValueError(f"method {name!r} needs models trained on (user, item) pairs; the "
+                       f"{role} {models[role].name!r} trains on {models[role].batching} batches")

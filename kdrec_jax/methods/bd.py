@@ -55,7 +55,7 @@ def discrepancy_weights(rank_t: jax.Array, rank_s: jax.Array, eps_t: float, eps_
   return w_student, w_teacher
 
 
-def distill_bce(learner_logits: jax.Array, guide_logits: jax.Array, tau: float) -> jax.Array:
+def distill_bce(learner_logits: jax.Array, guide_logits: jax.Array, tau) -> jax.Array:
   """Elementwise BCE of sigma(learner) against the stop-gradient soft label sigma(guide / tau)."""
   target = jax.nn.sigmoid(jax.lax.stop_gradient(guide_logits) / tau)
   return optax.sigmoid_binary_cross_entropy(learner_logits, target)
@@ -79,9 +79,10 @@ def make(cfg, models, data) -> Method:
     r_s = ranking.ranks(models["student"].score_all(snapshot["student"], users), exclude)
     return discrepancy_weights(r_t, r_s, cfg.eps_t, cfg.eps_e, cfg.rank_sign)
 
-  def refresh(snapshot):
+  def refresh(static, snapshot, carry, key, epoch):
+    del static, key, epoch  # BD's tables depend only on the two models
     if not use_tables:
-      return {"snapshot": snapshot}
+      return {"snapshot": snapshot}, carry
     n_chunks = -(-num_users // chunk)
     users = jnp.arange(n_chunks * chunk, dtype=jnp.int32) % num_users
 
@@ -91,9 +92,11 @@ def make(cfg, models, data) -> Method:
 
     t_s, t_t = jax.lax.map(one, users.reshape(n_chunks, chunk))
     return {"table_student": t_s.reshape(-1, num_items)[:num_users],
-            "table_teacher": t_t.reshape(-1, num_items)[:num_users]}
+            "table_teacher": t_t.reshape(-1, num_items)[:num_users]}, carry
 
-  def sample(state, users, keys):
+  def sample(view, batch, keys, key):
+    del key
+    state, users = view["cache"], batch["user"]
     k_s, k_t = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     n = cfg.num_samples
     if by_users:
@@ -111,11 +114,12 @@ def make(cfg, models, data) -> Method:
       t = ranking.sample_from_weights(k_t, w_t, n)
     return {"student": s, "teacher": t}
 
-  def loss(outputs, users, weight, samples):
+  def loss(outputs, batch, samples, hp):
     """outputs: the models' params (pair batches) or training-mode logits [B, I] (user batches)."""
+    users, weight = batch["user"], batch["weight"]
     out, aux = {}, {}
-    for learner, guide, lam in (("student", "teacher", cfg.lambda_ts),
-                                ("teacher", "student", cfg.lambda_st)):
+    for learner, guide, lam in (("student", "teacher", hp["lambda_ts"]),
+                                ("teacher", "student", hp["lambda_st"])):
       picked, valid = samples[learner]
       w = (weight * valid)[:, None]
       if by_users:  # picked: 0/1 mask [B, I]
@@ -123,7 +127,7 @@ def make(cfg, models, data) -> Method:
       else:  # picked: item ids [B, n]
         z_learner = models[learner].score(outputs[learner], users, picked)
         z_guide = models[guide].score(outputs[guide], users, picked)
-      bce = jnp.sum(w * distill_bce(z_learner, z_guide, cfg.tau))
+      bce = jnp.sum(w * distill_bce(z_learner, z_guide, hp["tau"]))
       out[learner] = lam * bce
       aux[f"bd_{learner}"] = bce
       aux[f"valid_{learner}"] = jnp.sum(weight * valid)
@@ -131,14 +135,15 @@ def make(cfg, models, data) -> Method:
 
   def cf_negatives(samples, uniform):
     """The notebook's BPR negatives: the item BD sampled for the same pair and model."""
-    return {m: jnp.where(samples[m][1], samples[m][0][:, 0], uniform[m])
-            for m in ("teacher", "student")}
+    return {m: jnp.where(samples[m][1], samples[m][0][:, 0], uniform[m]) for m in uniform}
 
   if cfg.bpr_negative not in ("uniform", "bd_sample"):
     raise ValueError(f"bpr_negative must be 'uniform' or 'bd_sample', got {cfg.bpr_negative!r}")
   if by_users and cfg.bpr_negative == "bd_sample":
     raise ValueError("bpr_negative='bd_sample' needs pair-batched models (one BD item per pair); "
                      f"{models['teacher'].name!r} trains on user batches")
-  return Method(name="bd", refresh=refresh, refresh_every=cfg.refresh_every, sample=sample,
-                loss=loss,
+  return Method(name="bd", loss=loss, learners=("teacher", "student"), sample=sample,
+                refresh=refresh, refresh_every=cfg.refresh_every,
+                refresh_reads=("teacher", "student"),
+                hparams={"tau": cfg.tau, "lambda_ts": cfg.lambda_ts, "lambda_st": cfg.lambda_st},
                 cf_negatives=cf_negatives if cfg.bpr_negative == "bd_sample" else None)

@@ -1,0 +1,40 @@
+"""The data-parallel axis and the collectives methods use inside the per-device train step.
+
+The step runs per device (pmap semantics) under `jax.shard_map` over the 1-D mesh axis `AXIS`.
+Losses that couple the batch (sums over its unique users or items, similarity matrices) gather
+the global batch's ids (never parameters), so every device computes the same global term; each
+device then contributes `replicated_share(term)`, and the step's gradient mean over devices
+restores the whole term. 4 devices thus give the result of 1.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+AXIS = "data"
+
+
+def device_count() -> int:
+  """Number of devices on the data axis (inside the step)."""
+  return jax.lax.axis_size(AXIS)
+
+
+def gather(x: jax.Array) -> jax.Array:
+  """This device's [b, ...] slices of the global batch, concatenated in device order: [n b, ...]."""
+  return jax.lax.all_gather(x, AXIS, tiled=True)
+
+
+def global_unique(ids: jax.Array, valid: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
+  """The sorted unique valid ids of the global batch, padded with `fill` to a static size.
+
+  ids, valid: this device's [b] (or [b, k]) ids and their validity; `fill` must exceed every id.
+  Returns (unique [n b k], mask [n b k]), identical on every device.
+  """
+  ids = gather(jnp.where(valid, ids, fill).reshape(ids.shape[0], -1)).reshape(-1)
+  unique = jnp.unique(ids, size=ids.shape[0], fill_value=fill)
+  return unique, unique != fill
+
+
+def replicated_share(x):
+  """This device's share of a term that every device computes identically."""
+  return jax.tree.map(lambda v: v / device_count(), x)
