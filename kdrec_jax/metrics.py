@@ -7,14 +7,16 @@ Conventions, shared by every function here:
   candidates listed by increasing item id (numpy's order, so NaN scores rank below every other
   score, -inf included). Scores are compared as float32 and -0.0 ties with +0.0.
 * Candidates. 'full': every item except the user's training items and the items of the other
-  held-out split ('test' excludes 'val' items, 'val' excludes 'test' items). Items with a -inf or
+  held-out split ('test' excludes 'val' items, 'val' excludes 'test' items; with
+  `exclude_other=False` only the training items are excluded, as in the RCE-KD/KDs code). Items with a -inf or
   NaN score are still candidates. Held-out items are always candidates, even if the data also lists
   them in train or in the other split. 'sampled': the user's held-out items plus `num_negatives`
   items drawn uniformly with replacement from the items the user has in none of train/val/test.
 * Per user with held-out set H (|H| >= 1; users with an empty H are skipped) and ranks r_h:
   HR@K = 1[any r_h <= K]; Recall@K = #{r_h <= K} / |H|;
   NDCG@K = sum_{r_h <= K} 1/log2(r_h + 1) / sum_{r=1}^{min(K, |H|)} 1/log2(r + 1);
-  MRR = 1 / min_h r_h (no cutoff). Reported values are means over evaluated users.
+  MRR = 1 / min_h r_h (no cutoff). Reported values are means over evaluated users (or, with
+  average='all', over all users, those without held-out items counting 0).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ ScoreFn = Callable[[Any, jax.Array], jax.Array]
 
 DEFAULT_KS = (10, 20, 50, 100)
 PROTOCOLS = ("full", "sampled")
+AVERAGES = ("heldout", "all")
 
 _EXCLUDED_KEY = ranking.EXCLUDED_KEY
 order_key = ranking.order_key
@@ -97,15 +100,18 @@ def ranks_among_candidates(keys: jax.Array, items: jax.Array, relevant: jax.Arra
 
 def full_ranks(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCSR,
                held: sparse.DeviceCSR, max_k: int) -> tuple[jax.Array, jax.Array]:
-  """Exact ranks of each user's held-out items among all non-excluded items.
+  """Ranks of each user's held-out items among all non-excluded items, exact up to `max_k`
+  (and the row minimum exact, for MRR), in the contract of `ranking_metrics_from_ranks`.
 
   The rank of a held-out item is 1 + the number of candidates ordered before it (higher key, or
-  equal key and smaller id): one [C, I] comparison per held-out slot, in a loop over slots, so
-  memory stays O(C x I). Leave-one-out needs one pass. (XLA's CPU `top_k` on int32 keys falls back
-  to a full sort and is ~75x slower than this count.) Returns (ranks [C, H], valid [C, H]) with
-  H = `held.max_len`, in the contract of `ranking_metrics_from_ranks`; `max_k` is unused.
+  equal key and smaller id). With one held-out slot (leave-one-out) that count is one [C, I]
+  comparison. With several, counting costs one pass per slot (200 on a ratio split), so when
+  every candidate score is finite the ranks come from the top-`max_k` list instead (a float
+  `top_k`, ties to the lower id, exactly our order) plus one count for the best held-out item;
+  a chunk with a non-finite candidate score falls back to counting per slot. Returns
+  (ranks [C, H], valid [C, H]), H = `held.max_len`; ranks beyond `max_k` other than the row
+  minimum are only known to exceed `max_k`.
   """
-  del max_k
   num_users, num_items = scores.shape
   is_held = sparse.row_mask(held, users, num_items)
   candidate = ~sparse.row_mask(excluded, users, num_items) | is_held
@@ -114,13 +120,34 @@ def full_ranks(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCSR,
   held_items, valid = sparse.padded_rows(held, users, pad=0)
   held_keys = jnp.take_along_axis(key, held_items, axis=-1)
 
-  def rank_of(slot):
-    k = held_keys[:, slot][:, None]
-    i = held_items[:, slot][:, None]
-    before = candidate & ((key > k) | ((key == k) & (ids < i)))
+  def count_before(k, i):  # [C] ranks of items with keys k [C] and ids i [C]
+    before = candidate & ((key > k[:, None]) | ((key == k[:, None]) & (ids < i[:, None])))
     return 1 + jnp.sum(before, axis=-1, dtype=jnp.int32)
 
-  ranks = jax.lax.map(rank_of, jnp.arange(held.max_len)).T
+  def by_counting(_):
+    return jax.lax.map(lambda slot: count_before(held_keys[:, slot], held_items[:, slot]),
+                       jnp.arange(held.max_len)).T
+
+  def by_top_k(_):
+    k = min(int(max_k), num_items)
+    s = scores.astype(jnp.float32)
+    s = jnp.where(candidate, jnp.where(s == 0, 0.0, s), -jnp.inf)  # -0.0 ties +0.0
+    top = jax.lax.top_k(s, k)[1]
+    match = held_items[:, :, None] == top[:, None, :]  # [C, H, k]
+    in_top = jnp.any(match, axis=-1) & valid
+    position = jnp.argmax(match, axis=-1).astype(jnp.int32) + 1
+    # The best held-out item (highest key, then lowest id) and its exact rank.
+    hk = jnp.where(valid, held_keys, jnp.int32(_EXCLUDED_KEY))
+    best_key = jnp.max(hk, axis=-1)
+    best_id = jnp.min(jnp.where(hk == best_key[:, None], held_items, num_items), axis=-1)
+    best_rank = count_before(best_key, best_id)
+    return jnp.where(in_top, position, jnp.maximum(best_rank, k + 1)[:, None])
+
+  if held.max_len <= 1:
+    ranks = by_counting(None)
+  else:
+    finite = jnp.all(jnp.isfinite(scores) | ~candidate)
+    ranks = jax.lax.cond(finite, by_top_k, by_counting, None)
   return jnp.where(valid, ranks, 0), valid
 
 
@@ -217,7 +244,7 @@ class Evaluator:
 
   def __init__(self, data: Interactions, split: str = "test", ks: Sequence[int] = DEFAULT_KS,
                chunk_size: int = 1024, protocol: str = "full", num_negatives: int = 499,
-               max_tries: int = 32):
+               max_tries: int = 32, exclude_other: bool = True, average: str = "heldout"):
     if split not in ("val", "test"):
       raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     if protocol not in PROTOCOLS:
@@ -225,6 +252,8 @@ class Evaluator:
     ks = tuple(sorted({int(k) for k in ks}))
     if not ks or ks[0] < 1:
       raise ValueError(f"ks must be positive cutoffs, got {ks}")
+    if average not in AVERAGES:
+      raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
     if chunk_size < 1 or num_negatives < 1 or max_tries < 1:
       raise ValueError("chunk_size, num_negatives and max_tries must be >= 1")
     self.data, self.split, self.ks, self.protocol = data, split, ks, protocol
@@ -240,8 +269,9 @@ class Evaluator:
     self._padded_users = jnp.asarray(np.concatenate([self.users, np.full(pad, fill, np.int32)]))
     self._held = sparse.DeviceCSR.from_numpy(held_indptr, held_indices)
     u, i = data.num_users, data.num_items
-    self._excluded = sparse.DeviceCSR.from_numpy(
-        *_union_csr(u, i, data.split("train"), data.split(other)))
+    self.average = average
+    excluded = [data.split("train")] + ([data.split(other)] if exclude_other else [])
+    self._excluded = sparse.DeviceCSR.from_numpy(*_union_csr(u, i, *excluded))
     self._seen = (sparse.DeviceCSR.from_numpy(
         *_union_csr(u, i, data.split("train"), data.split("val"), data.split("test")))
                   if protocol == "sampled" else None)
@@ -272,9 +302,11 @@ class Evaluator:
 
   def __call__(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None
                ) -> dict[str, float]:
-    """{name: mean over evaluated users}; NaN if no user has held-out items."""
+    """{name: mean over evaluated users}; NaN if no user has held-out items. With
+    average='all' the mean is over all users, those without held-out items counting 0."""
     per_user = self.per_user(score_fn, params, key)
-    return {name: float(np.mean(v, dtype=np.float64)) if len(v) else float("nan")
+    n = self.data.num_users if self.average == "all" else self.num_users
+    return {name: float(np.sum(v, dtype=np.float64) / n) if len(v) else float("nan")
             for name, v in per_user.items()}
 
   def negatives(self, key: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:

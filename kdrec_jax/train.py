@@ -329,7 +329,9 @@ class Experiment:
     ev = config.eval
     self.evaluators = {
         split: kmetrics.Evaluator(d, split=split, ks=tuple(ev.ks), chunk_size=ev.chunk_size,
-                                  protocol=ev.protocol, num_negatives=ev.num_negatives)
+                                  protocol=ev.protocol, num_negatives=ev.num_negatives,
+                                  exclude_other=ev.get("exclude_other", True),
+                                  average=ev.get("average", "heldout"))
         for split in ("val", "test")}
     self.key = jax.random.key(config.seed)
     self._refresh = jax.jit(self.method.refresh) if self.method.refresh else None

@@ -46,6 +46,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       val_ratio=0.1,
       test_ratio=0.2,
       ratio_order="random",         # 'random' | 'timestamp' | 'file'
+      ratio_rounding="round",       # 'round' | 'floor' (train floor(0.8 n), val to floor(0.9 n))
       seed=0,
       train="",                     # format 'splits': the three files of user-item pairs
       val="",
@@ -124,4 +125,5 @@ def load(cfg: Any) -> Interactions:
     return leave_one_out(records, order=_get(cfg, "loo_order"), seed=seed, name=name)
   return ratio_split(records, val_ratio=float(_get(cfg, "val_ratio")),
                      test_ratio=float(_get(cfg, "test_ratio")),
-                     order=_get(cfg, "ratio_order"), seed=seed, name=name)
+                     order=_get(cfg, "ratio_order"), seed=seed, name=name,
+                     rounding=_get(cfg, "ratio_rounding"))

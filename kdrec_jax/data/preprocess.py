@@ -4,6 +4,7 @@ The usual pipeline is `dedupe -> filter_min -> reindex -> leave_one_out | ratio_
 """
 from __future__ import annotations
 
+import fractions
 import os
 from typing import Optional
 
@@ -15,6 +16,7 @@ from kdrec_jax.data.readers import Records
 
 LOO_ORDERS = ("file", "timestamp", "random")
 RATIO_ORDERS = ("random", "timestamp", "file")
+RATIO_ROUNDINGS = ("round", "floor")
 
 
 def dedupe(records: Records) -> Records:
@@ -144,23 +146,42 @@ def leave_one_out(records: Records, order: str = "file", seed: int = 0,
   return _build(records, perm, which, name)
 
 
-def ratio_split(records: Records, val_ratio: float = 0.1, test_ratio: float = 0.2,
-                order: str = "random", seed: int = 0, name: Optional[str] = None
-                ) -> Interactions:
-  """Per user: round(n * test_ratio) items -> test, round(n * val_ratio) -> val, rest -> train.
+def _floor_times(n: np.ndarray, ratio: float) -> np.ndarray:
+  """floor(n * ratio) in exact rational arithmetic (0.8 * 35 is 28, not 27.999...)."""
+  frac = fractions.Fraction(str(ratio)).limit_denominator(10**9)
+  return (n.astype(np.int64) * frac.numerator) // frac.denominator
 
+
+def ratio_split(records: Records, val_ratio: float = 0.1, test_ratio: float = 0.2,
+                order: str = "random", seed: int = 0, name: Optional[str] = None,
+                rounding: str = "round") -> Interactions:
+  """Per user with n items in the chosen order, the first go to train, then val, then test.
+
+  rounding='round': round(n * test_ratio) items -> test, round(n * val_ratio) -> val, the rest
+  -> train; every user keeps at least one training item (val is shrunk first, then test).
+  rounding='floor' (the RCE-KD / KDs split): train = the first max(floor(n * (1 - val_ratio -
+  test_ratio)), 1), val up to floor(n * (1 - test_ratio)), test the rest; users with few items
+  can get no validation item.
   With order='timestamp' (or 'file') the latest items go to test and the ones before to val;
-  with 'random' a seeded permutation decides. Every user keeps at least one training item
-  (val is shrunk first, then test).
+  with 'random' a seeded permutation decides.
   """
   if order not in RATIO_ORDERS:
     raise ValueError(f"unknown ratio-split order {order!r}; expected one of {RATIO_ORDERS}")
+  if rounding not in RATIO_ROUNDINGS:
+    raise ValueError(f"unknown ratio-split rounding {rounding!r}; expected one of "
+                     f"{RATIO_ROUNDINGS}")
   if val_ratio < 0 or test_ratio < 0 or val_ratio + test_ratio >= 1:
     raise ValueError(f"need val_ratio, test_ratio >= 0 and val_ratio + test_ratio < 1, "
                      f"got {val_ratio}, {test_ratio}")
   records = dedupe(records)
   perm = _user_major(records, order, seed)
   from_end, sizes = _positions_from_end(records, perm)
+  if rounding == "floor":
+    pos = sizes - 1 - from_end
+    n_train = np.maximum(_floor_times(sizes, round(1 - val_ratio - test_ratio, 12)), 1)
+    n_train_val = np.maximum(_floor_times(sizes, round(1 - test_ratio, 12)), n_train)
+    which = np.where(pos < n_train, 0, np.where(pos < n_train_val, 1, 2))
+    return _build(records, perm, which, name)
   n_test = np.floor(sizes * test_ratio + 0.5).astype(np.int64)
   n_val = np.floor(sizes * val_ratio + 0.5).astype(np.int64)
   excess = np.maximum(n_test + n_val - (sizes - 1), 0)

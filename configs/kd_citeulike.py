@@ -1,0 +1,100 @@
+r"""Teacher->student distillation on CiteULike-t with the RCE-KD benchmark's protocol (MF -> MF).
+
+COMMAND (the teacher once, then each method distils it into a student trained from scratch):
+
+  python -m launch.train --config configs/kd_citeulike.py:teacher --workdir /tmp/kd/teacher
+  python -m launch.train --config configs/kd_citeulike.py:none --workdir /tmp/kd/none \
+      --config.teacher_init=/tmp/kd/teacher          # the no-KD student
+  python -m launch.train --config configs/kd_citeulike.py:cd --workdir /tmp/kd/cd \
+      --config.teacher_init=/tmp/kd/teacher          # likewise cd_teacher, rd, de, rrd, de_rrd, dcd
+
+Append `,quick` to the argument (e.g. `:cd,quick`) for a minutes-long smoke run. Expected time on
+the 2-core CPU: the teacher ~15 min (early-stopped near epoch 200), a student run 5-60 min.
+
+Protocol (woriazzc/RCEKD and its parent framework woriazzc/KDs): the shipped users.dat, users with
+>= 5 items, no item filter; per user in file order (ascending item id) the first floor(0.8 n)
+items train, the next floor(0.9 n) - floor(0.8 n) validation, the rest test (98,405 / 12,451 /
+14,724 pairs; 701 users have no validation item). Full ranking with only the training items
+excluded; Recall@K (hits / held-out items) and NDCG@K at 10 and 20, averaged over all users (a
+user without validation items counts 0, as there). Evaluation every epoch, early stopping on
+validation NDCG@10 with patience 30, test at the best validation epoch. BPR-MF teacher d = 400
+and student d = 20 (init N(0, 0.01)), summed BPR with one uniform unobserved negative per
+positive, batch 2048, Adam 1e-3 with coupled weight decay (1e-3 for teacher and student trained
+alone; per method below, from that benchmark's configs), up to 1000 epochs; the KD student
+trains from scratch with L = L_BPR + lambda L_KD.
+"""
+import ml_collections
+
+from kdrec_jax.data import default_data_config
+
+METHODS = ("teacher", "none", "cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd")
+
+
+def _opt(lr, weight_decay):
+  return ml_collections.ConfigDict(dict(lr=lr, weight_decay=weight_decay))
+
+
+def method_config(name: str):
+  """(method settings, the student's weight decay) for `name` in `METHODS`."""
+  cd = dict(name="cd", lambda_kd=0.5, guide="student", pool_size=3000, rank_temperature=20.0,
+            num_samples=2, t1=2.0, t2=0.0, sampler="tournament")
+  rrd = dict(lambda_rrd=0.1, top_m=500, num_interesting=100, num_uninteresting=200,
+             temperature=10.0)
+  de = dict(lambda_de=0.05, num_experts=30, end_temperature=1e-10)
+  table = {
+      "teacher": (dict(name="none"), 1e-3),
+      "none": (dict(name="none"), 1e-3),
+      "cd": (cd, 1e-8),
+      "cd_teacher": (dict(cd, guide="teacher"), 1e-8),
+      # No CiteULike RD config exists in that benchmark; the RD paper's K, lambda, mu, epsilon.
+      "rd": (dict(name="rd", lambda_kd=0.5, top_k=10, position_temperature=1.0, mu=0.1,
+                  num_dynamic_samples=100, dynamic_start_epoch=10), 1e-5),
+      "de": (dict(name="de", **de), 1e-4),
+      "rrd": (dict(name="rrd", **rrd), 1e-5),
+      "de_rrd": (dict(name="de_rrd", **de, **rrd), 1e-5),
+      "dcd": (dict(name="dcd", lambda_kd=0.01, top_m=500, num_samples=100, temperature=10.0,
+                   refresh_every=1), 1e-5),
+  }
+  if name not in table:
+    raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+  settings, wd = table[name]
+  return ml_collections.ConfigDict(dict(settings, lists_budget_mb=2048, list_chunk=256)), wd
+
+
+def get_config(arg: str = ""):
+  parts = [p for p in arg.split(",") if p]
+  quick = "quick" in parts
+  names = [p for p in parts if p != "quick"] or ["none"]
+  if len(names) != 1:
+    raise ValueError(f"config arg: one method of {METHODS}, optionally ',quick'; got {arg!r}")
+  name = names[0]
+  method, wd = method_config(name)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = default_data_config()
+  c.data.update(dict(split="ratio", ratio_order="file", ratio_rounding="floor", val_ratio=0.1,
+                     test_ratio=0.1, min_user_interactions=5))
+  c.teacher = ml_collections.ConfigDict(dict(name="bpr_mf", dim=400, init_std=0.01))
+  c.student = ml_collections.ConfigDict(dict(name="bpr_mf", dim=20, init_std=0.01))
+  c.batch_size = 2048
+  c.num_devices = 0
+  epochs = 3 if quick else 1000
+  c.warmup = ml_collections.ConfigDict(dict(
+      epochs=epochs, models=("teacher",), teacher=_opt(1e-3, 1e-3), student=_opt(1e-3, 1e-3),
+      patience=30, stop_metric="NDCG@10"))
+  c.distill = ml_collections.ConfigDict(dict(
+      epochs=0 if name == "teacher" else epochs, teacher=_opt(1e-3, 0.0),
+      student=_opt(1e-3, wd), method=_opt(1e-3, wd), patience=30, stop_metric="NDCG@10"))
+  c.control = False  # the no-KD student is its own run (method 'none'), shared by all methods
+  c.method = method
+  c.eval = ml_collections.ConfigDict(dict(
+      ks=(10, 20), chunk_size=1024, protocol="full", num_negatives=499, exclude_other=False,
+      average="all"))
+  c.eval_every = 1
+  c.log_every = 1 if quick else 10
+  c.checkpoint_every = 1 if quick else 20
+  c.checkpoint_keep = 1
+  c.max_epochs_per_run = 0
+  c.teacher_init = ""
+  c.warmup_from = ""
+  return c
