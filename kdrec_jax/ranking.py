@@ -253,3 +253,43 @@ class TopLists:
 
     out = jax.lax.map(one, users.reshape(n_chunks, self.chunk))
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:self.num_users], out)
+
+
+def per_user_keys(key: jax.Array, users: jax.Array) -> jax.Array:
+  """One PRNG key per user id, `fold_in(key, user)`: draws that do not depend on chunking."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, users)
+
+
+def gumbel_top_k_rows(keys: jax.Array, log_weights: jax.Array, k: int) -> jax.Array:
+  """k positions per row without replacement, drawn successively with probability ∝
+  exp(log_weights) among those left, in draw order: int32 [B, k].
+
+  keys: one PRNG key per row; log_weights [B, N] or [N] (shared by all rows), -inf = never.
+  """
+  shape = (keys.shape[0], log_weights.shape[-1])
+  g = jax.vmap(lambda kk: jax.random.gumbel(kk, shape[1:], jnp.float32))(keys)
+  return jax.lax.top_k(jnp.broadcast_to(log_weights, shape) + g, k)[1].astype(jnp.int32)
+
+
+def uniform_distinct(keys: jax.Array, n: int, num_items: int, excluded, draws: int = 0
+                     ) -> tuple[jax.Array, jax.Array]:
+  """n distinct items per row, uniformly without replacement from the items not `excluded`.
+
+  keys: one PRNG key per row [B]; excluded(candidates [B, D]) -> bool [B, D]. Draws D = `draws`
+  (default 2 n + 64) candidates with replacement per row and keeps, in draw order, the first n
+  distinct ones that are not excluded: by symmetry an exact uniform sample without replacement.
+  Returns (items int32 [B, n], valid bool [B, n]); valid is False in slots the D draws could not
+  fill (only when few items are allowed).
+  """
+  d = draws or 2 * n + 64
+  cand = jax.vmap(lambda k: jax.random.randint(k, (d,), 0, num_items, jnp.int32))(keys)
+  order = jnp.argsort(cand, axis=-1, stable=True)
+  srt = jnp.take_along_axis(cand, order, axis=-1)
+  first_sorted = jnp.concatenate([jnp.ones_like(srt[:, :1], bool), srt[:, 1:] != srt[:, :-1]],
+                                 axis=-1)
+  rows = jnp.arange(cand.shape[0])[:, None]
+  first = jnp.zeros(cand.shape, bool).at[rows, order].set(first_sorted)
+  keep = first & ~excluded(cand)
+  pick = jnp.argsort(~keep, axis=-1, stable=True)[:, :n]  # kept slots first, in draw order
+  return (jnp.take_along_axis(cand, pick, axis=-1),
+          jnp.take_along_axis(keep, pick, axis=-1))

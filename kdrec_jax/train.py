@@ -459,12 +459,15 @@ def load_teacher(path: str, like):
   (its best state if it stopped early), or a params directory written by
   `checkpoint.save_params`. Checked against the structure of `like`."""
   from kdrec_jax import checkpoint
+  from kdrec_jax.checkpoint import PhaseCheckpoints
   if os.path.isdir(os.path.join(path, "checkpoints")):
     phases = _finished_phases(path)
     if "warmup" not in phases:
       raise FileNotFoundError(f"teacher_init: {path} has no finished warm-up (results.json "
                               f"phases {sorted(phases)})")
-    params = _phase_result_params(path, "warmup").get("teacher")
+    trained = PhaseCheckpoints(os.path.join(path, "checkpoints"), "warmup").latest_epoch()
+    params = (_phase_result_params(path, "warmup").get("teacher") if trained is not None
+              else None)
     if params is None:
       raise FileNotFoundError(f"teacher_init: the warm-up in {path} did not train a teacher")
   elif checkpoint.is_params_dir(path):

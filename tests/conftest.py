@@ -1,18 +1,12 @@
-"""Shared test setup: 4 fake CPU devices, a small synthetic CiteULike-format dataset and a quick
-config pointed at it."""
+"""Shared test setup: 4 fake CPU devices, a small synthetic CiteULike-format dataset and quick
+configs pointed at it (BD, and the teacher->student protocol)."""
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import os
-
-# Must happen before jax is imported anywhere (pytest imports conftest.py before test modules).
-_FLAG = "--xla_force_host_platform_device_count=4"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
-
-import atexit  # noqa: E402
-import importlib.util  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
+import shutil
+import tempfile
 
 # A persistent compilation cache for this session (and the launcher subprocesses, which inherit
 # the environment): the train tests build the same programs several times (each resumed run makes
@@ -24,6 +18,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import chex  # noqa: E402  (after the cache settings: importing chex imports jax)
+
+# 4 fake CPU devices. Must happen before any JAX operation (pytest imports conftest.py before the
+# test modules); it sets XLA_FLAGS, which the launcher subprocesses inherit.
+chex.set_n_cpu_devices(4)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -101,3 +101,33 @@ def quick_config(data_path: str, **overrides):
 def make_config(citeulike_file):
   """`make_config(**overrides)` -> a quick config on the synthetic dataset."""
   return lambda **overrides: quick_config(citeulike_file, **overrides)
+
+
+KD_CONFIG_FILE = os.path.join(REPO_ROOT, "configs", "kd_citeulike.py")
+
+
+def kd_config(data_path: str, method: str, **overrides):
+  """`configs/kd_citeulike.py:<method>,quick` shrunk to the synthetic data: teacher d=8,
+  student d=4, batch 64, 2 + 2 epochs, small lists; `overrides` as in `quick_config`."""
+  spec = importlib.util.spec_from_file_location("kd_citeulike_config", KD_CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(method + ",quick")
+  cfg.data.path = data_path
+  cfg.teacher.dim, cfg.student.dim = 8, 4
+  cfg.batch_size = 64
+  cfg.warmup.epochs = 2
+  cfg.distill.epochs = 2 if cfg.distill.epochs else 0  # ':teacher' has no distillation phase
+  cfg.eval.chunk_size = 64
+  small = dict(pool_size=40, top_m=30, num_interesting=5, num_uninteresting=10, top_k=5,
+               num_dynamic_samples=10, dynamic_start_epoch=1, num_experts=3, num_samples=3)
+  for k, v in small.items():
+    if k in cfg.method:
+      cfg.method[k] = v
+  for name, value in overrides.items():
+    *parents, leaf = name.split("__")
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg

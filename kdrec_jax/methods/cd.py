@@ -1,0 +1,110 @@
+"""CD — Collaborative Distillation (Lee, Choi, Lee & Shim, "Collaborative Distillation for Top-N
+Recommendation", ICDM'19).
+
+The student learns, besides its own loss, the teacher's soft labels for a few unobserved items
+per user, sampled by rank from a guiding model's top-P pool:
+
+  L = L_own(S) + lambda * sum_{(u, i) in batch} sum_{k in S_u} BCE(sg(sigma((z^T_uk + t2) / t1)),
+                                                                  sigma(z^S_uk))
+
+summed over the batch's (user, positive) rows (a user counts once per training pair), with
+S_u = `num_samples` distinct items drawn each epoch from the guide's top-P unobserved items:
+'teacher' guide: the frozen teacher's pool, built once; 'student' guide: the student's pool,
+rebuilt every epoch from its current parameters.
+
+Rank-aware sampling, as the published reimplementations (UnKD, RCE-KD/KDs) do it: repeatedly draw
+two pool positions a, b iid from q(r) ∝ exp(-r / (P T)), r = 1..P, keep the better-ranked one,
+min(a, b), until n distinct items are collected. Each kept draw has the closed-form probability
+p(r) = S(r)^2 - S(r+1)^2 with S(r) = sum_{j >= r} q(j), and "repeat until n distinct" is
+successive sampling without replacement ∝ p; so a Gumbel top-n on log p over the pool is its
+exact vectorised form (`sampler='tournament'`). `sampler='direct'` draws ∝ q itself.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kdrec_jax import ranking, sparse
+from kdrec_jax.methods import Method, require_pairs
+
+GUIDES = ("teacher", "student")
+SAMPLERS = ("tournament", "direct")
+
+
+def rank_log_probs(pool_size: int, temperature: float, sampler: str = "tournament"
+                   ) -> np.ndarray:
+  """log-probability of drawing pool position r = 1..P (float32 [P]) in one kept draw."""
+  r = np.arange(1, pool_size + 1, dtype=np.float64)
+  q = np.exp(-(r - 1) / (pool_size * temperature))
+  q /= q.sum()
+  if sampler == "direct":
+    return np.log(q).astype(np.float32)
+  if sampler != "tournament":
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+  tail = np.cumsum(q[::-1])[::-1]  # S(r) = P(a >= r)
+  nxt = np.append(tail[1:], 0.0)
+  return np.log(tail ** 2 - nxt ** 2).astype(np.float32)
+
+
+def soft_label_bce(student_logits: jax.Array, teacher_logits: jax.Array, t1, t2) -> jax.Array:
+  """Elementwise BCE of sigma(z_S) against the stop-gradient soft label sigma((z_T + t2) / t1)."""
+  target = jax.nn.sigmoid((jax.lax.stop_gradient(teacher_logits) + t2) / t1)
+  return optax.sigmoid_binary_cross_entropy(student_logits, target)
+
+
+def draw_from_pool(key: jax.Array, users: jax.Array, items: jax.Array, valid: jax.Array,
+                   log_probs: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """n distinct items per user from its pool rows (items, valid [C, P], best first), without
+  replacement ∝ exp(log_probs[position]); one key per user id. Returns (items, valid) [C, n]."""
+  logits = jnp.where(valid, log_probs, -jnp.inf)
+  pos = ranking.gumbel_top_k_rows(ranking.per_user_keys(key, users), logits, n)
+  return (jnp.take_along_axis(items, pos, axis=-1), jnp.take_along_axis(valid, pos, axis=-1))
+
+
+def make(cfg, models, data) -> Method:
+  require_pairs("cd", models)
+  guide = cfg.get("guide", "teacher")
+  if guide not in GUIDES:
+    raise ValueError(f"cd: guide must be one of {GUIDES}, got {guide!r}")
+  num_users, num_items = data.num_users, data.num_items
+  n = int(cfg.num_samples)
+  pool_size = min(int(cfg.pool_size), num_items)
+  if not 1 <= n <= pool_size:
+    raise ValueError(f"cd: num_samples must be in [1, pool_size], got {n}")
+  train = sparse.DeviceCSR.from_numpy(*data.split("train"))
+  lists = ranking.TopLists(models[guide].score_all, train, num_users, num_items, pool_size,
+                           budget_mb=cfg.get("lists_budget_mb", 2048),
+                           chunk=cfg.get("list_chunk", 256))
+  log_probs = jnp.asarray(rank_log_probs(pool_size, cfg.rank_temperature,
+                                         cfg.get("sampler", "tournament")))
+
+  def prepare(teacher_params):
+    """The teacher's pool, once (teacher guide, under the memory budget)."""
+    return lists.build(teacher_params) if guide == "teacher" else {}
+
+  def refresh(static, params, carry, key, epoch):
+    """This epoch's S_u for every user: {'items', 'valid'} [U, n]."""
+    del epoch
+    items, valid = lists.all_rows(static, params[guide],
+                                  lambda u, it, va: draw_from_pool(key, u, it, va, log_probs, n))
+    return {"items": items, "valid": valid}, carry
+
+  def sample(view, batch, keys, key):
+    del keys, key
+    users = batch["user"]
+    return view["cache"]["items"][users], view["cache"]["valid"][users]
+
+  def loss(outputs, batch, samples, hp):
+    users, weight = batch["user"], batch["weight"]
+    items, valid = samples
+    z_s = models["student"].score(outputs["student"], users, items)
+    z_t = models["teacher"].score(outputs["teacher"], users, items)
+    w = weight[:, None] * valid
+    bce = jnp.sum(w * soft_label_bce(z_s, z_t, hp["t1"], hp["t2"]))
+    return {"student": hp["lambda_kd"] * bce}, {"cd": bce, "cd_items": jnp.sum(w)}
+
+  return Method(name="cd", loss=loss, learners=("student",), sample=sample, prepare=prepare,
+                refresh=refresh, refresh_every=1, refresh_reads=(guide,),
+                hparams={"lambda_kd": cfg.lambda_kd, "t1": cfg.t1, "t2": cfg.t2})
