@@ -211,9 +211,10 @@ NUM_USERS, NUM_ITEMS = 7, 9
 
 
 def _method_setup(num_experts=3, lambda_de=0.05):
-  bpr = lambda dim: ml_collections.ConfigDict(dict(name="bpr_mf", dim=dim, init_std=0.5))  # noqa
-  models = {"teacher": kmodels.make(bpr(D_T), NUM_USERS, NUM_ITEMS),
-            "student": kmodels.make(bpr(D_S), NUM_USERS, NUM_ITEMS)}
+  def bpr(dim):
+    return kmodels.make(ml_collections.ConfigDict(dict(name="bpr_mf", dim=dim, init_std=0.5)),
+                        NUM_USERS, NUM_ITEMS)
+  models = {"teacher": bpr(D_T), "student": bpr(D_S)}
   cfg = ml_collections.ConfigDict(dict(name="de", lambda_de=lambda_de, num_experts=num_experts,
                                        end_temperature=1e-10, anneal_epochs=10))
   method = methods.make(cfg, models, types.SimpleNamespace(num_users=NUM_USERS,
@@ -335,9 +336,10 @@ class MethodTest(chex.TestCase):
 
 def test_expert_sizes_follow_representations():
   """NeuMF's representations are [GMF; MLP]: d + m per side."""
-  neumf = lambda dim: ml_collections.ConfigDict(dict(name="neumf", dim=dim, mlp_dim=2 * dim))  # noqa
-  models = {"teacher": kmodels.make(neumf(4), NUM_USERS, NUM_ITEMS),
-            "student": kmodels.make(neumf(2), NUM_USERS, NUM_ITEMS)}
+  def neumf(dim):
+    return kmodels.make(ml_collections.ConfigDict(dict(name="neumf", dim=dim, mlp_dim=2 * dim)),
+                        NUM_USERS, NUM_ITEMS)
+  models = {"teacher": neumf(4), "student": neumf(2)}
   cfg = ml_collections.ConfigDict(dict(name="de", lambda_de=0.05, num_experts=2,
                                        end_temperature=1e-10))
   method = methods.make(cfg, models, types.SimpleNamespace(num_users=NUM_USERS,

@@ -44,6 +44,25 @@ def assert_frequencies(draws: np.ndarray, weights: np.ndarray) -> None:
   assert stat < CHI2_999[dof], f"chi-square {stat:.2f} >= {CHI2_999[dof]} (dof {dof})"
 
 
+def assert_ordered_pairs(draws: np.ndarray, weights: np.ndarray) -> None:
+  """Rows of two draws without replacement, successively ∝ weights: each ordered pair (a, b)
+  has probability p_a p_b / (1 - p_a); chi-square below the 0.999 quantile."""
+  p = np.asarray(weights, np.float64) / np.sum(weights)
+  m = len(p)
+  draws = np.asarray(draws)
+  assert draws.shape[1] == 2 and np.all(draws[:, 0] != draws[:, 1]), "repeated an item"
+  counts = np.bincount(draws[:, 0] * m + draws[:, 1], minlength=m * m).reshape(m, m)
+  probs = p[:, None] * p[None, :] / (1 - p[:, None])
+  np.fill_diagonal(probs, 0.0)
+  live = probs > 0
+  assert counts[~live].sum() == 0
+  expected = len(draws) * probs[live]
+  assert expected.min() >= 5, "test too small for a chi-square approximation"
+  stat = float(np.sum((counts[live] - expected) ** 2 / expected))
+  dof = int(live.sum()) - 1
+  assert stat < CHI2_999[dof], f"chi-square {stat:.2f} >= {CHI2_999[dof]} (dof {dof})"
+
+
 def np_ranks(scores: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
   """Reference: stable argsort of -scores, ranks 1..N, excluded items last and then set to 0."""
   scores = np.asarray(scores, np.float64)
