@@ -37,6 +37,10 @@ def _median_time(fn, repeats):
   return statistics.median(times)
 
 
+def _params(state):
+  return {m: state[m]["params"] for m in train.MODELS}
+
+
 def main(argv):
   del argv
   cfg = _CONFIG.value
@@ -44,11 +48,12 @@ def main(argv):
   rows = {}
   for name, pcfg, phase in (("warmup_epoch", cfg.warmup, train.Phase("warmup", train.MODELS, False)),
                             ("bd_epoch", cfg.distill, train.Phase("distill", train.MODELS, True))):
-    opts = exp.optimizers(pcfg)
-    holder = {"state": train.init_state(exp.key, exp.models, opts)}
+    opts = exp.optimizers(pcfg, phase.train)
+    holder = {"state": train.init_state(exp.key, exp.models, opts, exp.method)}
     if phase.distill:
-      holder["state"]["snapshot"] = train._snapshot(holder["state"])
-      holder["state"]["method"] = exp.refresh(holder["state"]["snapshot"])
+      holder["state"]["hparams"] = exp.hparams()
+      holder["state"]["cache"], _ = exp.refresh({}, _params(holder["state"]), {},
+                                                jax.random.key(0), 0)
     holder["state"] = jax.device_put(holder["state"],
                                      jax.sharding.NamedSharding(exp.mesh, jax.P()))
     step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
@@ -66,7 +71,7 @@ def main(argv):
     if phase.distill:
       state = holder["state"]
       rows["rank_refresh_both_models"] = _median_time(
-          lambda: exp.refresh(train._snapshot(state)), _REPEATS.value)
+          lambda: exp.refresh({}, _params(state), {}, jax.random.key(0), 0), _REPEATS.value)
       ev = exp.evaluators["test"]
       rows["full_eval_teacher_all_users"] = _median_time(
           lambda: ev(exp.models["teacher"].score_all, state["teacher"]["params"]), _REPEATS.value)

@@ -78,4 +78,4 @@ def require_pairs(name: str, models) -> None:
   for role in ("teacher", "student"):
     if models[role].batching != "pairs":
       raise ValueError(f"method {name!r} needs models trained on (user, item) pairs; the "
-                       f"{role} {models[role].name!r} trains on {models[role].batching} batches")
+                       f"{role} {models[role].name!r} trains on batches of {models[role].batching}")

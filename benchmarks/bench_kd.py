@@ -1,0 +1,97 @@
+r"""Times each teacher->student method's pieces on the RCE-KD protocol (CiteULike-t, MF 400 -> 20,
+batch 2048, 49 steps per epoch).
+
+  python -m benchmarks.bench_kd [--methods none,cd,...] [--repeats 3] \
+      [--out benchmarks/results/kd_cpu.json]
+
+Rows per method: one distillation epoch (the train steps: sampling, both losses, the student's
+(and the method's) update), one refresh (the per-epoch state: CD's pool and draws, RRD's
+interesting/uninteresting sets, DCD's re-ranking and draws), the one-off prepare (the teacher's
+top-M lists) and one validation evaluation of the student (done every epoch by the protocol);
+`per_epoch` = epoch + refresh (when the method refreshes every epoch) + evaluation. Plus the
+teacher's own warm-up epoch and evaluation. Each row is the median of `repeats` timed calls
+after one untimed (compiling) call. Prints JSON with hardware and date.
+"""
+import datetime
+import json
+import platform
+
+from absl import app
+from absl import flags
+import jax
+
+from benchmarks.bench_bd import _median_time
+from configs import kd_citeulike
+from kdrec_jax import train
+
+_METHODS = flags.DEFINE_list("methods", [m for m in kd_citeulike.METHODS if m != "teacher"],
+                             "Methods to time (configs/kd_citeulike.py arguments).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per row.")
+_OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
+
+
+def _time_phase(exp, phase, pcfg, repeats):
+  """(epoch seconds, refresh seconds or None, prepare seconds or None) for `phase`."""
+  opts = exp.optimizers(pcfg, phase.train)
+  state = train.init_state(exp.key, exp.models, opts, exp.method if phase.distill else None)
+  params = {m: state[m]["params"] for m in train.MODELS}
+  times = {}
+  if phase.distill:
+    state["hparams"] = exp.hparams()
+    times["prepare"] = _median_time(lambda: exp.prepare(params["teacher"]), 1)
+    state["static"] = exp.prepare(params["teacher"])
+    if exp.method.refresh is not None:
+      times["refresh"] = _median_time(
+          lambda: exp.refresh(state["static"], params, state["carry"], jax.random.key(0), 0),
+          repeats)
+      state["cache"], state["carry"] = exp.refresh(state["static"], params, state["carry"],
+                                                   jax.random.key(0), 0)
+  state = jax.device_put(state, jax.sharding.NamedSharding(exp.mesh, jax.P()))
+  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
+                               exp.data.num_items)
+  epoch, steps = train.make_epoch(step, exp.mesh, exp.num_examples, exp.config.batch_size)
+  holder, counter = {"state": state}, iter(range(10**6))
+
+  def run():
+    holder["state"], m = epoch(holder["state"], exp.examples, jax.random.key(next(counter)), 1)
+    return holder["state"]["step"], m
+
+  times["epoch"] = _median_time(run, repeats)
+  times["steps_per_epoch"] = steps
+  learner = "student" if "student" in phase.train else "teacher"
+  ev = exp.evaluators["val"]
+  times[f"eval_val_{learner}"] = _median_time(
+      lambda: ev(exp.models[learner].score_all, holder["state"][learner]["params"]), repeats)
+  times["per_epoch"] = (times["epoch"] + times[f"eval_val_{learner}"]
+                        + (times.get("refresh", 0.0) if exp.method.refresh_every == 1 else 0.0))
+  return times
+
+
+def main(argv):
+  del argv
+  rows = {}
+  for name in ["teacher", *_METHODS.value]:
+    cfg = kd_citeulike.get_config(name)
+    exp = train.Experiment(cfg)
+    if name == "teacher":
+      phase, pcfg = train.Phase("warmup", ("teacher",), False), cfg.warmup
+    else:
+      phase, pcfg = train.Phase("distill", tuple(exp.method.learners), True), cfg.distill
+    rows[name] = _time_phase(exp, phase, pcfg, _REPEATS.value)
+    print(name, json.dumps(rows[name]), flush=True)
+  report = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "jax": jax.__version__, "backend": jax.default_backend(),
+      "devices": [d.device_kind for d in jax.devices()],
+      "host": platform.processor() or platform.machine(), "repeats": _REPEATS.value,
+      "data": repr(exp.data), "seconds": rows,
+  }
+  text = json.dumps(report, indent=2)
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
