@@ -8,6 +8,7 @@
 #   full:   the whole BPR-MF reference schedule with the control, timed end to end
 #   models: benchmark rows for NeuMF, LightGCN and CDAE
 #   full_cdae, full_neumf, full_lightgcn: that model's whole schedule with the control
+#   kd:     teacher->student rows (python3 -m benchmarks.bench_kd), every method
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,6 +37,8 @@ for what in "$@"; do
               python3 -m benchmarks.bench_bd --config configs/bd_${m}_citeulike.py --repeats 3 \
                 --out "$OUT/bench_gpu_$m.json" 2>&1 | grep -v "^[IW]1" | tail -14
             done ;;
+    kd) python3 -m benchmarks.bench_kd --repeats 3 --out "$OUT/bench_kd_gpu.json" 2>&1 \
+          | grep -v "^[IW]1" | grep -v '^ ' | tail -12 ;;
     *) echo "unknown section $what" >&2; exit 2 ;;
   esac
 done

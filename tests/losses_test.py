@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -217,7 +218,7 @@ def tiny_models(num_users, num_items):
                                  num_users, num_items)}
 
 
-def test_bd_loss_matches_numpy():
+def check_bd_loss_matches_numpy(wrap):
   data = tiny_data()
   mods = tiny_models(data.num_users, data.num_items)
   cfg = bd_config()
@@ -234,7 +235,7 @@ def test_bd_loss_matches_numpy():
                   jnp.array([True, False, True, True, True])),
   }
   batch = {"user": users, "weight": weight}
-  out, aux = jax.jit(method.loss)(params, batch, samples, method.hparams)
+  out, aux = wrap(method.loss)(params, batch, samples, method.hparams)
 
   p = {m: {k: np.asarray(v, np.float64) for k, v in params[m].items()} for m in params}
   u = np.asarray(users)
@@ -251,7 +252,8 @@ def test_bd_loss_matches_numpy():
 
   # Each direction's loss moves only its learner: the guide is stop-gradient.
   for learner, guide in (("student", "teacher"), ("teacher", "student")):
-    g = jax.grad(lambda prm: method.loss(prm, batch, samples, method.hparams)[0][learner])(params)
+    g = jax.grad(lambda prm: method.loss(prm, batch, samples,
+                                         method.hparams)[0][learner])(params)
     for leaf in jax.tree.leaves(g[guide]):
       np.testing.assert_array_equal(np.asarray(leaf), 0.0)
     assert any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(g[learner]))
@@ -271,7 +273,7 @@ def test_bd_cf_negatives_notebook_switch():
     methods.make(bd_config(bpr_negative="nope"), mods, data)
 
 
-def test_bd_loss_user_batches_matches_numpy():
+def check_bd_loss_user_batches_matches_numpy(wrap):
   """User-batched models (CDAE): BCE over each user's 0/1 masks of BD items, read from the
   training-mode logits of the whole row."""
   data = tiny_data()
@@ -288,7 +290,7 @@ def test_bd_loss_user_batches_matches_numpy():
                  jnp.array([True, True, False, True])) for m in mods}
   users = jnp.array([0, 1, 2, 3], jnp.int32)
   batch = {"user": users, "weight": weight}
-  out, aux = jax.jit(method.loss)(logits, batch, samples, method.hparams)
+  out, aux = wrap(method.loss)(logits, batch, samples, method.hparams)
   for learner, guide, lam in (("student", "teacher", cfg.lambda_ts),
                               ("teacher", "student", cfg.lambda_st)):
     mask, valid = (np.asarray(x, np.float64) for x in samples[learner])
@@ -301,3 +303,35 @@ def test_bd_loss_user_batches_matches_numpy():
   np.testing.assert_array_equal(np.asarray(g["teacher"]), 0.0)  # the guide is stop-gradient
   with pytest.raises(ValueError, match="pair-batched"):
     methods.make(bd_config(bpr_negative="bd_sample"), mods, data)
+
+
+class BDChexTest(chex.TestCase):
+  """BD's BCE term, discrepancy weights and losses, jitted and not, against numpy."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_distill_bce(self):
+    rng = np.random.default_rng(4)
+    learner, guide = (rng.normal(0, 3, size=(3, 4)).astype(np.float32) for _ in range(2))
+    got = self.variant(bd.distill_bce)(learner, guide, 5.0)
+    chex.assert_shape(got, (3, 4))
+    chex.assert_trees_all_close(got, _bce(learner, _sigmoid(guide / 5.0)).astype(np.float32),
+                                rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_discrepancy_weights(self):
+    rng = np.random.default_rng(5)
+    rank_t = np.stack([rng.permutation(20) + 1 for _ in range(2)]).astype(np.int32)
+    rank_s = np.stack([rng.permutation(20) + 1 for _ in range(2)]).astype(np.int32)
+    rank_s[0, :3] = 0
+    got = self.variant(lambda t, s: bd.discrepancy_weights(t, s, 0.1, 0.02))(rank_t, rank_s)
+    want = _np_weights(rank_t, rank_s, 0.1, 0.02, "paper")
+    chex.assert_trees_all_close(got, tuple(w.astype(np.float32) for w in want), rtol=1e-5,
+                                atol=1e-7)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bd_loss_pairs(self):
+    check_bd_loss_matches_numpy(self.variant)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bd_loss_user_batches(self):
+    check_bd_loss_user_batches_matches_numpy(self.variant)
