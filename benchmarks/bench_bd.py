@@ -80,17 +80,22 @@ def main(argv):
   w, b, r = rows["warmup_epoch"], rows["bd_epoch"], rows["rank_refresh_both_models"]
   n_refresh = -(-cfg.distill.epochs // max(cfg.method.refresh_every, 1))
   rows["schedule_estimate_s"] = (cfg.warmup.epochs * w + cfg.distill.epochs * b + n_refresh * r)
+  write_report(rows, exp.data, _REPEATS.value, _OUT.value)
+
+
+def write_report(rows: dict, data, repeats: int, out: str) -> None:
+  """Prints the rows as JSON with date, jax version and hardware (and writes them to `out`)."""
   report = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "jax": jax.__version__, "backend": jax.default_backend(),
       "devices": [d.device_kind for d in jax.devices()],
-      "host": platform.processor() or platform.machine(), "repeats": _REPEATS.value,
-      "data": repr(exp.data), "seconds": rows,
+      "host": platform.processor() or platform.machine(), "repeats": repeats,
+      "data": repr(data), "seconds": rows,
   }
   text = json.dumps(report, indent=2)
   print(text)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if out:
+    with open(out, "w") as f:
       f.write(text + "\n")
 
 

@@ -12,15 +12,13 @@ top-M lists) and one validation evaluation of the student (done every epoch by t
 teacher's own warm-up epoch and evaluation. Each row is the median of `repeats` timed calls
 after one untimed (compiling) call. Prints JSON with hardware and date.
 """
-import datetime
 import json
-import platform
 
 from absl import app
 from absl import flags
 import jax
 
-from benchmarks.bench_bd import _median_time
+from benchmarks.bench_bd import _median_time, write_report
 from configs import kd_citeulike
 from kdrec_jax import train
 
@@ -79,18 +77,7 @@ def main(argv):
       phase, pcfg = train.Phase("distill", tuple(exp.method.learners), True), cfg.distill
     rows[name] = _time_phase(exp, phase, pcfg, _REPEATS.value)
     print(name, json.dumps(rows[name]), flush=True)
-  report = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax": jax.__version__, "backend": jax.default_backend(),
-      "devices": [d.device_kind for d in jax.devices()],
-      "host": platform.processor() or platform.machine(), "repeats": _REPEATS.value,
-      "data": repr(exp.data), "seconds": rows,
-  }
-  text = json.dumps(report, indent=2)
-  print(text)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      f.write(text + "\n")
+  write_report(rows, exp.data, _REPEATS.value, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from conftest import kd_config
-from kdrec_jax import methods, models, ranking, train
+from kdrec_jax import methods, models, train
 from kdrec_jax.methods import cd
 from losses_test import tiny_data
 from ranking_test import assert_frequencies, assert_ordered_pairs

@@ -67,11 +67,34 @@ def citeulike_file(tmp_path_factory) -> str:
   return str(path)
 
 
-def load_config_module():
-  spec = importlib.util.spec_from_file_location("bd_bpr_citeulike_config", CONFIG_FILE)
+def load_config_module(path: str = CONFIG_FILE):
+  """The config file at `path` (default: configs/bd_bpr_citeulike.py) as a module."""
+  name = os.path.splitext(os.path.basename(path))[0] + "_config"
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def apply_overrides(cfg, overrides: dict):
+  """Sets dotted config names written with '__' for '.', e.g. {'distill__epochs': 4}."""
+  for name, value in overrides.items():
+    *parents, leaf = name.split("__")
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+  """absl INFO progress lines off during tests (warnings and errors still show)."""
+  from absl import logging
+  old = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  yield
+  logging.set_verbosity(old)
 
 
 def quick_config(data_path: str, **overrides):
@@ -88,13 +111,7 @@ def quick_config(data_path: str, **overrides):
   cfg.log_every = 1
   cfg.checkpoint_every = 1
   cfg.eval_every = 0
-  for name, value in overrides.items():
-    *parents, leaf = name.split("__")
-    node = cfg
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return apply_overrides(cfg, overrides)
 
 
 @pytest.fixture
@@ -109,10 +126,7 @@ KD_CONFIG_FILE = os.path.join(REPO_ROOT, "configs", "kd_citeulike.py")
 def kd_config(data_path: str, method: str, **overrides):
   """`configs/kd_citeulike.py:<method>,quick` shrunk to the synthetic data: teacher d=8,
   student d=4, batch 64, 2 + 2 epochs, small lists; `overrides` as in `quick_config`."""
-  spec = importlib.util.spec_from_file_location("kd_citeulike_config", KD_CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(method + ",quick")
+  cfg = load_config_module(KD_CONFIG_FILE).get_config(method + ",quick")
   cfg.data.path = data_path
   cfg.teacher.dim, cfg.student.dim = 8, 4
   cfg.batch_size = 64
@@ -124,10 +138,4 @@ def kd_config(data_path: str, method: str, **overrides):
   for k, v in small.items():
     if k in cfg.method:
       cfg.method[k] = v
-  for name, value in overrides.items():
-    *parents, leaf = name.split("__")
-    node = cfg
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return apply_overrides(cfg, overrides)

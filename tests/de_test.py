@@ -3,9 +3,7 @@ Gumbel-softmax selection, the temperature schedule, gradients, the method's glob
 an end-to-end distillation epoch (4 devices = 1, one trace for all epochs)."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import types
 
 import chex
@@ -15,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, quick_config
+from conftest import KD_CONFIG_FILE, load_config_module, quick_config
 from kdrec_jax import methods, train
 from kdrec_jax import models as kmodels
 from kdrec_jax.methods import de
@@ -29,11 +27,7 @@ HIDDEN = (D_T + D_S) // 2
 
 
 def _kd_config_module():
-  path = os.path.join(REPO_ROOT, "configs", "kd_citeulike.py")
-  spec = importlib.util.spec_from_file_location("kd_citeulike_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_config_module(KD_CONFIG_FILE)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,20 +10,11 @@ import os
 import jax
 import numpy as np
 import pytest
-from absl import logging
 
 from conftest import kd_config
 from kdrec_jax import checkpoint, data, metrics, train
 from kdrec_jax.checkpoint import PhaseCheckpoints
 from kdrec_jax.data.interactions import Interactions
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs():
-  old = logging.get_verbosity()
-  logging.set_verbosity(logging.WARNING)
-  yield
-  logging.set_verbosity(old)
 
 
 @pytest.fixture(scope="module")

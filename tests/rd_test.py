@@ -4,9 +4,7 @@ run."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import os
 
 import chex
 import jax
@@ -17,7 +15,7 @@ import pytest
 from absl.testing import absltest
 from scipy import stats
 
-from conftest import REPO_ROOT
+from conftest import KD_CONFIG_FILE, load_config_module
 from kdrec_jax import models as kmodels
 from kdrec_jax import ranking, sparse, train
 from kdrec_jax.data.interactions import Interactions
@@ -25,11 +23,7 @@ from kdrec_jax.methods import rd
 
 
 def _kd_config_module():
-  path = os.path.join(REPO_ROOT, "configs", "kd_citeulike.py")
-  spec = importlib.util.spec_from_file_location("kd_citeulike_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_config_module(KD_CONFIG_FILE)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,14 +25,6 @@ needs_4_devices = pytest.mark.skipif(len(jax.devices()) < 4,
                                      reason="needs 4 (fake) devices; see conftest.py")
 
 
-@pytest.fixture(autouse=True)
-def _quiet_logs():
-  old = logging.get_verbosity()
-  logging.set_verbosity(logging.WARNING)
-  yield
-  logging.set_verbosity(old)
-
-
 def _copy(tree):
   return jax.tree.map(jnp.copy, tree)
 
