@@ -8,33 +8,19 @@ one rank refresh of both models (ranks of all unobserved items + sampling tables
 full-ranking evaluation of all users (test split, one model). Each is the median of `repeats`
 timed calls after one untimed call (compilation). Prints JSON with hardware and date.
 """
-import datetime
-import json
-import platform
-import statistics
-import time
 
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
+from benchmarks.common import median_time, write_report
 from kdrec_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bd_bpr_citeulike.py",
                                           "Config file.", lock_config=False)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions per row.")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
-
-
-def _median_time(fn, repeats):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def _params(state):
@@ -66,37 +52,21 @@ def main(argv):
                                  jax.random.key(next(counter)))
       return holder["state"]["step"], m
 
-    rows[name] = _median_time(run, _REPEATS.value)
+    rows[name] = median_time(run, _REPEATS.value)
     rows["steps_per_epoch"] = steps
     if phase.distill:
       state = holder["state"]
-      rows["rank_refresh_both_models"] = _median_time(
+      rows["rank_refresh_both_models"] = median_time(
           lambda: exp.refresh({}, _params(state), {}, jax.random.key(0), 0), _REPEATS.value)
       ev = exp.evaluators["test"]
-      rows["full_eval_teacher_all_users"] = _median_time(
+      rows["full_eval_teacher_all_users"] = median_time(
           lambda: ev(exp.models["teacher"].score_all, state["teacher"]["params"]), _REPEATS.value)
-      rows["full_eval_student_all_users"] = _median_time(
+      rows["full_eval_student_all_users"] = median_time(
           lambda: ev(exp.models["student"].score_all, state["student"]["params"]), _REPEATS.value)
   w, b, r = rows["warmup_epoch"], rows["bd_epoch"], rows["rank_refresh_both_models"]
   n_refresh = -(-cfg.distill.epochs // max(cfg.method.refresh_every, 1))
   rows["schedule_estimate_s"] = (cfg.warmup.epochs * w + cfg.distill.epochs * b + n_refresh * r)
   write_report(rows, exp.data, _REPEATS.value, _OUT.value)
-
-
-def write_report(rows: dict, data, repeats: int, out: str) -> None:
-  """Prints the rows as JSON with date, jax version and hardware (and writes them to `out`)."""
-  report = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax": jax.__version__, "backend": jax.default_backend(),
-      "devices": [d.device_kind for d in jax.devices()],
-      "host": platform.processor() or platform.machine(), "repeats": repeats,
-      "data": repr(data), "seconds": rows,
-  }
-  text = json.dumps(report, indent=2)
-  print(text)
-  if out:
-    with open(out, "w") as f:
-      f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 import jax
 
-from benchmarks.bench_bd import _median_time, write_report
+from benchmarks.common import median_time, write_report
 from configs import kd_citeulike
 from kdrec_jax import train
 
@@ -36,10 +36,10 @@ def _time_phase(exp, phase, pcfg, repeats):
   times = {}
   if phase.distill:
     state["hparams"] = exp.hparams()
-    times["prepare"] = _median_time(lambda: exp.prepare(params["teacher"]), 1)
+    times["prepare"] = median_time(lambda: exp.prepare(params["teacher"]), 1)
     state["static"] = exp.prepare(params["teacher"])
     if exp.method.refresh is not None:
-      times["refresh"] = _median_time(
+      times["refresh"] = median_time(
           lambda: exp.refresh(state["static"], params, state["carry"], jax.random.key(0), 0),
           repeats)
       state["cache"], state["carry"] = exp.refresh(state["static"], params, state["carry"],
@@ -54,11 +54,11 @@ def _time_phase(exp, phase, pcfg, repeats):
     holder["state"], m = epoch(holder["state"], exp.examples, jax.random.key(next(counter)), 1)
     return holder["state"]["step"], m
 
-  times["epoch"] = _median_time(run, repeats)
+  times["epoch"] = median_time(run, repeats)
   times["steps_per_epoch"] = steps
   learner = "student" if "student" in phase.train else "teacher"
   ev = exp.evaluators["val"]
-  times[f"eval_val_{learner}"] = _median_time(
+  times[f"eval_val_{learner}"] = median_time(
       lambda: ev(exp.models[learner].score_all, holder["state"][learner]["params"]), repeats)
   times["per_epoch"] = (times["epoch"] + times[f"eval_val_{learner}"]
                         + (times.get("refresh", 0.0) if exp.method.refresh_every == 1 else 0.0))
