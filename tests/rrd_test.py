@@ -203,3 +203,39 @@ def test_unique_user_losses_4_devices_match_1(citeulike_file, method):
   # Each unique user of each batch counted once: at most one per (user, batch), at least one
   # per user per epoch.
   assert exp.data.num_users <= float(m1[f"{method}_users"]) <= exp.num_examples
+
+
+@pytest.mark.parametrize("method", ["rrd", "dcd"])
+def test_loss_sums_over_the_batch_unique_users(citeulike_file, method):
+  """sample + loss inside the step's shard_map: each distinct user of the batch once (padding
+  rows dropped), λ times the numpy relaxed ranking loss of its cached lists."""
+  cfg = kd_config(citeulike_file, method, num_devices=1)
+  exp = train.Experiment(cfg)
+  params = {m: exp.models[m].init(k) for m, k in zip(("teacher", "student"),
+                                                      jax.random.split(jax.random.key(3)))}
+  static = exp.prepare(params["teacher"])
+  cache, _ = exp.refresh(static, params, {}, jax.random.key(4), 0)
+  users = jnp.array([5, 9, 5, 17, 9, 30, 2, 2], jnp.int32)
+  weight = jnp.array([1, 1, 1, 1, 1, 0, 1, 1], jnp.float32)  # user 30: padding only
+  batch = {"user": users, "weight": weight}
+  view = {"static": static, "cache": cache, "carry": {}, "hparams": exp.hparams(), "epoch": 0}
+
+  def run(view, batch):
+    samples = exp.method.sample(view, batch, None, jax.random.key(0))
+    return exp.method.loss(params, batch, samples, dict(view["hparams"], epoch=0))
+
+  mesh = train.make_mesh(1)
+  (terms, aux) = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(jax.P(), jax.P("data")),
+                                       out_specs=jax.P(), check_vma=False))(view, batch)
+  first, second = ("interesting", "uninteresting") if method == "rrd" else ("under", "over")
+  want = 0.0
+  for u in (2, 5, 9, 17):
+    z = {k: np.asarray(exp.models["student"].score(params["student"], jnp.array([u]),
+                                                   cache[k][u][None]))
+         for k in (first, second)}
+    want += np_relaxed_ranking(z[first], np.asarray(cache[first + "_valid"][u][None]),
+                               z[second], np.asarray(cache[second + "_valid"][u][None]))[0]
+  lam = cfg.method.lambda_rrd if method == "rrd" else cfg.method.lambda_kd
+  np.testing.assert_allclose(float(aux[method]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(terms["student"]), lam * want, rtol=1e-5)
+  assert float(aux[f"{method}_users"]) == 4
