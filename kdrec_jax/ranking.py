@@ -293,3 +293,28 @@ def uniform_distinct(keys: jax.Array, n: int, num_items: int, excluded, draws: i
   pick = jnp.argsort(~keep, axis=-1, stable=True)[:, :n]  # kept slots first, in draw order
   return (jnp.take_along_axis(cand, pick, axis=-1),
           jnp.take_along_axis(keep, pick, axis=-1))
+
+
+def uniform_unobserved(keys: jax.Array, users: jax.Array, observed, num_items: int, n: int
+                       ) -> jax.Array:
+  """int32 [B, n]: n items per user drawn uniformly with replacement from the items not in its
+  row of `observed` (a sparse.DeviceCSR, rows sorted). keys: one PRNG key per user [B].
+
+  Exact, without rejection: a draw r ~ U{0, ..., N - n_u - 1} maps to the r-th unobserved item,
+  r + #{j : p_j - j <= r} for the row's sorted items p_0 < p_1 < ... (p_j - j, the number of
+  unobserved items below p_j, is non-decreasing), counted by one branchless binary search. A
+  user with every item observed gets item N - 1 (callers give such rows weight 0).
+  """
+  start = observed.indptr[users][:, None]
+  length = observed.row_lengths[users][:, None]
+  free = jnp.maximum(num_items - length[:, 0], 1)
+  r = jax.vmap(lambda k, m: jax.random.randint(k, (n,), 0, m, jnp.int32))(keys, free)
+  last = observed.indices.shape[0] - 1
+  pos = jnp.full(r.shape, -1, jnp.int32)  # the last j with p_j - j <= r (-1: none)
+  step = 1 << max(int(observed.max_len).bit_length() - 1, 0)
+  while step:  # unrolled at trace time: log2(max row length) steps
+    cand = pos + step
+    p = observed.indices[jnp.clip(start + cand, 0, last)]
+    pos = jnp.where((cand < length) & (p - cand <= r), cand, pos)
+    step >>= 1
+  return jnp.minimum(r + pos + 1, num_items - 1)

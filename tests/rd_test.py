@@ -276,7 +276,7 @@ def test_uniform_unobserved_edge_rows():
   csr = sparse.DeviceCSR.from_numpy(indptr, np.concatenate(rows))
   users = jnp.asarray(np.repeat(np.arange(4), 200), jnp.int32)
   keys = jax.random.split(jax.random.key(3), len(users))
-  got = np.asarray(jax.jit(rd.uniform_unobserved, static_argnums=(3, 4))(keys, users, csr, 5, 3)
+  got = np.asarray(jax.jit(ranking.uniform_unobserved, static_argnums=(3, 4))(keys, users, csr, 5, 3)
                    ).reshape(4, -1)
   assert set(got[0].tolist()) == set(range(5))
   assert np.all(got[1] == 4)  # nothing unobserved: clamped to N - 1 (weight 0 there)

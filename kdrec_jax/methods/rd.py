@@ -100,31 +100,6 @@ def rd_loss(top_scores: jax.Array, weights: jax.Array, row_weight: jax.Array) ->
   return -jnp.sum(row_weight[:, None] * weights * jax.nn.log_sigmoid(top_scores))
 
 
-def uniform_unobserved(keys: jax.Array, users: jax.Array, observed: sparse.DeviceCSR,
-                       num_items: int, n: int) -> jax.Array:
-  """int32 [B, n]: n items per user drawn uniformly with replacement from the items not in its
-  row of `observed` (rows sorted). keys: one PRNG key per user [B].
-
-  Exact, without rejection: a draw r ~ U{0, ..., N - n_u - 1} maps to the r-th unobserved item,
-  r + #{j : p_j - j <= r} for the row's sorted items p_0 < p_1 < ... (p_j - j, the number of
-  unobserved items below p_j, is non-decreasing), counted by one branchless binary search. A
-  user with every item observed gets item N - 1 (callers give such rows weight 0).
-  """
-  start = observed.indptr[users][:, None]
-  length = observed.row_lengths[users][:, None]
-  free = jnp.maximum(num_items - length[:, 0], 1)
-  r = jax.vmap(lambda k, m: jax.random.randint(k, (n,), 0, m, jnp.int32))(keys, free)
-  last = observed.indices.shape[0] - 1
-  pos = jnp.full(r.shape, -1, jnp.int32)  # the last j with p_j - j <= r (-1: none)
-  step = 1 << max(int(observed.max_len).bit_length() - 1, 0)
-  while step:  # unrolled at trace time: log2(max row length) steps
-    cand = pos + step
-    p = observed.indices[jnp.clip(start + cand, 0, last)]
-    pos = jnp.where((cand < length) & (p - cand <= r), cand, pos)
-    step >>= 1
-  return jnp.minimum(r + pos + 1, num_items - 1)
-
-
 def make(cfg, models, data) -> Method:
   """RD for `models` = {'teacher': Model, 'student': Model} (pair-batched) on `data`.
 
@@ -161,7 +136,7 @@ def make(cfg, models, data) -> Method:
       items, valid = lists.rows({}, static["teacher"], users)
     out = {"items": items, "valid": valid}
     if eps:
-      out["dynamic"] = uniform_unobserved(keys, users, train, num_items, eps)
+      out["dynamic"] = ranking.uniform_unobserved(keys, users, train, num_items, eps)
     return out
 
   def loss(outputs, batch, samples, hp):
