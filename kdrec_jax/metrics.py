@@ -17,11 +17,16 @@ Conventions, shared by every function here:
   NDCG@K = sum_{r_h <= K} 1/log2(r_h + 1) / sum_{r=1}^{min(K, |H|)} 1/log2(r + 1);
   MRR = 1 / min_h r_h (no cutoff). Reported values are means over evaluated users (or, with
   average='all', over all users, those without held-out items counting 0).
+* Popularity bias (full protocol, on request): per item group g (`popularity_groups`),
+  Recall@K/g and NDCG@K/g over the held-out items in g and Share@K/g, the fraction of the top-K
+  list in g (`group_metrics`, `Evaluator(item_groups=...)(..., bias=True)`).
 """
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +51,15 @@ def metric_names(ks: Sequence[int]) -> tuple[str, ...]:
   for k in ks:
     names += [f"HR@{k}", f"Recall@{k}", f"NDCG@{k}"]
   return tuple(names) + ("MRR",)
+
+
+def bias_metric_names(ks: Sequence[int], num_groups: int) -> tuple[str, ...]:
+  """Names of the per-group (popularity bias) metrics for cutoffs `ks`, in output order."""
+  names = []
+  for g in range(num_groups):
+    for k in ks:
+      names += [f"Recall@{k}/g{g}", f"NDCG@{k}/g{g}", f"Share@{k}/g{g}"]
+  return tuple(names)
 
 
 def ranking_metrics_from_ranks(ranks: jax.Array, valid: jax.Array, ks: Sequence[int]
@@ -151,6 +165,62 @@ def full_ranks(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCSR,
   return jnp.where(valid, ranks, 0), valid
 
 
+def top_k_candidates(scores: jax.Array, candidate: jax.Array, k: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Each row's top-k candidates, best first, in the library's order.
+
+  `lax.top_k` on the int32 order keys with non-candidates at the excluded key: for finite scores
+  the same list as a float `top_k` with non-candidates at -inf (ties to the lower id), and NaN,
+  -inf and -0.0 follow `order_key`. scores [C, N], candidate bool [C, N]. Returns (items int32
+  [C, k], valid bool [C, k]); valid is False in slots beyond the row's number of candidates.
+  """
+  key = jnp.where(candidate, order_key(scores), jnp.int32(_EXCLUDED_KEY))
+  top_keys, items = jax.lax.top_k(key, k)
+  return items.astype(jnp.int32), top_keys != _EXCLUDED_KEY
+
+
+def group_metrics(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCSR,
+                  held: sparse.DeviceCSR, ranks: jax.Array, valid: jax.Array,
+                  groups: jax.Array, num_groups: int, ks: Sequence[int]
+                  ) -> dict[str, jax.Array]:
+  """Per-user popularity-bias metrics of one chunk under the full protocol.
+
+  For group g (items with groups[i] == g; -1 = no group) and cutoff K:
+    Recall@K/g, NDCG@K/g: Recall@K and NDCG@K (module docstring) with the user's held-out items
+      of group g as the relevant set; ranks are still among all the user's candidates (held-out
+      items of other groups are ordinary candidates). NaN for users without held-out items in g.
+    Share@K/g: the fraction of the user's top-min(K, #candidates) candidates that lie in g.
+
+  Args:
+    scores [C, N], users [C], excluded / held: as `full_ranks`; ranks, valid [C, H]: its output.
+    groups: int32 [N] item groups; num_groups: G (static); ks: cutoffs (each <= max rank exact).
+
+  Returns:
+    {name: float32 [C]} keyed as `bias_metric_names(ks, num_groups)`.
+  """
+  num_items = scores.shape[-1]
+  is_held = sparse.row_mask(held, users, num_items)
+  candidate = ~sparse.row_mask(excluded, users, num_items) | is_held
+  held_items, _ = sparse.padded_rows(held, users, pad=0)
+  held_groups = groups[held_items]
+  k_max = min(max(ks), num_items)
+  top, top_valid = top_k_candidates(scores, candidate, k_max)
+  top_groups = jnp.where(top_valid, groups[top], -1)
+  out = {}
+  for g in range(num_groups):
+    in_g = valid & (held_groups == g)
+    has = jnp.any(in_g, axis=-1)
+    per = ranking_metrics_from_ranks(ranks, in_g, ks)
+    for k in ks:
+      kk = min(k, k_max)
+      shown = jnp.sum(top_valid[:, :kk], axis=-1)
+      hits = jnp.sum(top_groups[:, :kk] == g, axis=-1)
+      out[f"Recall@{k}/g{g}"] = jnp.where(has, per[f"Recall@{k}"], jnp.nan)
+      out[f"NDCG@{k}/g{g}"] = jnp.where(has, per[f"NDCG@{k}"], jnp.nan)
+      out[f"Share@{k}/g{g}"] = hits / jnp.maximum(shown, 1).astype(jnp.float32)
+  return out
+
+
 def sample_negatives(key: jax.Array, users: jax.Array, seen: sparse.DeviceCSR,
                      num_negatives: int, num_items: int, max_tries: int = 32
                      ) -> tuple[jax.Array, jax.Array]:
@@ -197,13 +267,15 @@ def sampled_ranks(scores: jax.Array, users: jax.Array, held: sparse.DeviceCSR,
 
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "ks", "chunk_size", "protocol",
-                                             "num_negatives", "max_tries"))
+                                             "num_negatives", "max_tries", "num_groups"))
 def _per_user_chunked(score_fn: ScoreFn, params: Any, users: jax.Array,
                       excluded: sparse.DeviceCSR, held: sparse.DeviceCSR,
-                      seen: sparse.DeviceCSR, key: jax.Array | None, *, ks: tuple[int, ...],
-                      chunk_size: int, protocol: str, num_negatives: int, max_tries: int
-                      ) -> dict[str, jax.Array]:
-  """Per-user metrics for `users` (length a multiple of chunk_size), chunked with lax.map."""
+                      seen: sparse.DeviceCSR, key: jax.Array | None,
+                      groups: jax.Array | None = None, *, ks: tuple[int, ...],
+                      chunk_size: int, protocol: str, num_negatives: int, max_tries: int,
+                      num_groups: int = 0) -> dict[str, jax.Array]:
+  """Per-user metrics for `users` (length a multiple of chunk_size), chunked with lax.map;
+  with `num_groups` > 0 (full protocol) also the per-group metrics of `groups` (int32 [N])."""
 
   def one_chunk(chunk):
     scores = score_fn(params, chunk)
@@ -213,10 +285,81 @@ def _per_user_chunked(score_fn: ScoreFn, params: Any, users: jax.Array,
       negs, negs_valid = sample_negatives(key, chunk, seen, num_negatives, scores.shape[-1],
                                           max_tries)
       ranks, valid = sampled_ranks(scores, chunk, held, negs, negs_valid)
-    return ranking_metrics_from_ranks(ranks, valid, ks)
+    out = ranking_metrics_from_ranks(ranks, valid, ks)
+    if num_groups:
+      out.update(group_metrics(scores, chunk, excluded, held, ranks, valid, groups, num_groups,
+                               ks))
+    return out
 
   out = jax.lax.map(one_chunk, users.reshape(-1, chunk_size))
   return {name: v.reshape(-1) for name, v in out.items()}
+
+
+def popularity_groups(train_indptr: np.ndarray, train_indices: np.ndarray, num_items: int,
+                      num_groups: int) -> np.ndarray:
+  """Items split into popularity groups of about equal training interaction mass, as UnKD does it
+  (chengang95/UnKD `dataloader.py::Loader.splitGroup`, at commit 0251e5a lines ~285-324).
+
+  Rule: let c_i be item i's number of training interactions, C = sum_i c_i and A = C / G (float)
+  for G = `num_groups`. Items with c_i > 0 are visited by decreasing c_i (ties: lower item id
+  first; the reference keeps first appearance in its training list) and appended to the current
+  group, whose running mass m grows by c_i. When m > A after appending item i:
+    * if i is alone in the group, the group is closed with it (a new empty group starts);
+    * otherwise i is taken out, the group is closed without it and a new group starts with i
+      (m = c_i, not re-checked until the next item is appended).
+  At the end, a non-empty current group with m > A / 2 becomes a group of its own; otherwise it
+  joins the last closed group (one exists: a remainder that is everything has m = C > A / 2).
+  Items with c_i = 0 belong to no group (-1). Groups are numbered 0, 1, ... from the most popular.
+
+  The rule can give fewer groups than asked (e.g. counts (10, 1, 1), G = 3: item 0 alone exceeds
+  A = 4 and closes group 0; the remainder (1, 1) has mass 2, not > A / 2, and joins group 0: one
+  group) or more (counts (3, 3, 3, 1), G = 2 gives 3 groups); the count is logged (warning) when
+  it differs from `num_groups`, and is `groups.max() + 1`.
+
+  Args:
+    train_indptr, train_indices: the training CSR (int [U+1], int [nnz]).
+    num_items: number of items I.
+    num_groups: G >= 1, the number of groups asked for.
+
+  Returns:
+    int32 [I]: each item's group in 0..G'-1, or -1 for items without training interactions.
+  """
+  if num_groups < 1:
+    raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+  counts = np.bincount(np.asarray(train_indices[:int(train_indptr[-1])], np.int64),
+                       minlength=num_items)
+  groups = np.full(num_items, -1, np.int32)
+  items = np.flatnonzero(counts > 0)
+  if not len(items):
+    return groups
+  order = items[np.argsort(-counts[items], kind="stable")]
+  average = float(counts.sum()) / num_groups
+  closed: list[list[int]] = []
+  current: list[int] = []
+  mass = 0
+  for item in order.tolist():  # host-side, once per run: O(I)
+    c = int(counts[item])
+    current.append(item)
+    mass += c
+    if mass > average:
+      if len(current) == 1:
+        closed.append(current)
+        current, mass = [], 0
+      else:
+        closed.append(current[:-1])
+        current, mass = [item], c
+  if current:
+    if mass > average / 2 or not closed:
+      closed.append(current)
+    else:
+      closed[-1].extend(current)
+  for g, members in enumerate(closed):
+    groups[members] = g
+  if len(closed) != num_groups:
+    logging.warning("popularity_groups: the greedy split gives %d groups, not the %d asked for "
+                    "(items per group %s)", len(closed), num_groups,
+                    [len(m) for m in closed])
+  return groups
 
 
 def _union_csr(num_users: int, num_items: int, *csrs: tuple[np.ndarray, np.ndarray]
@@ -240,11 +383,19 @@ class Evaluator:
   `score_fn(params, users int32 [C]) -> float [C, num_items]` must be pure and jittable; it is a
   static argument of the jitted function, so pass the same function object each time (e.g. a
   module-level function, not a fresh lambda) to avoid recompiling.
+
+  Popularity bias: given `item_groups` (int32 [num_items], e.g. `popularity_groups`; -1 = no
+  group; full protocol only), a call with `bias=True` adds `bias_metric_names(ks, G)` (see
+  `group_metrics`), G = item_groups.max() + 1. Their means: Recall@K/g and NDCG@K/g over the
+  users with held-out items in g (NaN if there are none), Share@K/g over the evaluated users;
+  `average` does not apply to them. `bias=False` (the default, e.g. per-epoch validation) runs
+  exactly the program without them; each setting compiles once.
   """
 
   def __init__(self, data: Interactions, split: str = "test", ks: Sequence[int] = DEFAULT_KS,
                chunk_size: int = 1024, protocol: str = "full", num_negatives: int = 499,
-               max_tries: int = 32, exclude_other: bool = True, average: str = "heldout"):
+               max_tries: int = 32, exclude_other: bool = True, average: str = "heldout",
+               item_groups: np.ndarray | None = None):
     if split not in ("val", "test"):
       raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     if protocol not in PROTOCOLS:
@@ -275,6 +426,16 @@ class Evaluator:
     self._seen = (sparse.DeviceCSR.from_numpy(
         *_union_csr(u, i, data.split("train"), data.split("val"), data.split("test")))
                   if protocol == "sampled" else None)
+    self.num_groups, self._groups, self.bias_names = 0, None, ()
+    if item_groups is not None:
+      item_groups = np.asarray(item_groups, np.int32)
+      if protocol != "full":
+        raise ValueError("popularity-bias metrics need protocol='full'")
+      if item_groups.shape != (i,) or item_groups.min(initial=-1) < -1:
+        raise ValueError(f"item_groups must be int [{i}] with values >= -1")
+      self.num_groups = int(item_groups.max(initial=-1)) + 1
+      self._groups = jnp.asarray(item_groups)
+      self.bias_names = bias_metric_names(ks, self.num_groups)
 
   @property
   def num_users(self) -> int:
@@ -286,28 +447,41 @@ class Evaluator:
       return None
     return jax.random.key(0) if key is None else key
 
-  def per_user(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None
-               ) -> dict[str, np.ndarray]:
+  def per_user(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None,
+               bias: bool = False) -> dict[str, np.ndarray]:
     """{name: float32 [num_users]}, rows aligned with `self.users` (increasing user id).
 
-    `key` seeds the sampled protocol (default `jax.random.key(0)`); ignored for 'full'.
+    `key` seeds the sampled protocol (default `jax.random.key(0)`); ignored for 'full'. With
+    `bias` (and item groups) also the per-group metrics, NaN for a user without held-out items
+    in the group (Recall, NDCG).
     """
+    groups = self.num_groups if bias else 0
+    names = self.names + (self.bias_names if groups else ())
     if not self.num_users:
-      return {name: np.zeros(0, np.float32) for name in self.names}
+      return {name: np.zeros(0, np.float32) for name in names}
     out = _per_user_chunked(score_fn, params, self._padded_users, self._excluded, self._held,
-                            self._seen, self._key(key), ks=self.ks, chunk_size=self.chunk_size,
-                            protocol=self.protocol, num_negatives=self.num_negatives,
-                            max_tries=self.max_tries)
-    return {name: np.asarray(out[name])[:self.num_users] for name in self.names}
+                            self._seen, self._key(key), self._groups if groups else None,
+                            ks=self.ks, chunk_size=self.chunk_size, protocol=self.protocol,
+                            num_negatives=self.num_negatives, max_tries=self.max_tries,
+                            num_groups=groups)
+    return {name: np.asarray(out[name])[:self.num_users] for name in names}
 
-  def __call__(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None
-               ) -> dict[str, float]:
+  def __call__(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None,
+               bias: bool = False) -> dict[str, float]:
     """{name: mean over evaluated users}; NaN if no user has held-out items. With
-    average='all' the mean is over all users, those without held-out items counting 0."""
-    per_user = self.per_user(score_fn, params, key)
+    average='all' the mean is over all users, those without held-out items counting 0.
+    `bias`: also the per-group metrics (class docstring), averaged over the users they are
+    defined for."""
+    per_user = self.per_user(score_fn, params, key, bias)
     n = self.data.num_users if self.average == "all" else self.num_users
-    return {name: float(np.sum(v, dtype=np.float64) / n) if len(v) else float("nan")
-            for name, v in per_user.items()}
+    out = {}
+    for name, v in per_user.items():
+      if name in self.bias_names:
+        ok = ~np.isnan(v)
+        out[name] = float(np.sum(v[ok], dtype=np.float64) / ok.sum()) if ok.any() else float("nan")
+      else:
+        out[name] = float(np.sum(v, dtype=np.float64) / n) if len(v) else float("nan")
+    return out
 
   def negatives(self, key: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The sampled protocol's negatives for `self.users`: (items int32 [U, N], valid bool [U, N])."""

@@ -236,10 +236,16 @@ def make_epoch(train_step, mesh, num_train: int, batch_size: int):
 # ----------------------------------------------------------------------------------------------
 
 def _jsonable(tree):
+  """Plain JSON values: arrays as lists, NaN (an undefined mean, e.g. a popularity group without
+  held-out items) as null."""
   def leaf(x):
-    if isinstance(x, (str, bool, int, float)) or x is None:
+    if isinstance(x, (str, bool, int)) or x is None:
       return x
-    return float(x) if np.ndim(x) == 0 else np.asarray(x).tolist()
+    if np.ndim(x) == 0:
+      x = float(x)
+      return None if np.isnan(x) else x
+    return [None if isinstance(v, float) and np.isnan(v) else v
+            for v in np.asarray(x).tolist()]
   return jax.tree.map(leaf, tree)
 
 
@@ -259,7 +265,7 @@ class MetricWriter:
 def _write_json_atomic(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    json.dump(_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
   os.replace(tmp, path)
 
 
@@ -327,20 +333,42 @@ class Experiment:
       self.examples = {"user": jnp.asarray(users), "pos": jnp.asarray(items)}
     self.num_examples = len(self.examples["user"])
     ev = config.eval
+    # Popularity groups for the phase-end bias metrics (eval.popularity_groups, 0 = off).
+    self.item_groups = None
+    num_groups = int(ev.get("popularity_groups", 4) or 0)
+    if num_groups and ev.protocol == "full":
+      self.item_groups = kmetrics.popularity_groups(*d.split("train"), d.num_items, num_groups)
+    elif num_groups:
+      logging.warning("eval.popularity_groups: bias metrics need the full protocol; off.")
     self.evaluators = {
         split: kmetrics.Evaluator(d, split=split, ks=tuple(ev.ks), chunk_size=ev.chunk_size,
                                   protocol=ev.protocol, num_negatives=ev.num_negatives,
                                   exclude_other=ev.get("exclude_other", True),
-                                  average=ev.get("average", "heldout"))
+                                  average=ev.get("average", "heldout"),
+                                  item_groups=self.item_groups)
         for split in ("val", "test")}
     self.key = jax.random.key(config.seed)
     self._refresh = jax.jit(self.method.refresh) if self.method.refresh else None
     self._prepare = jax.jit(self.method.prepare) if self.method.prepare else None
 
-  def evaluate(self, state, splits=("val", "test"), models=MODELS) -> dict:
+  def evaluate(self, state, splits=("val", "test"), models=MODELS, bias: bool = False) -> dict:
+    """{model: {split: metrics}}; `bias` adds the per-popularity-group metrics (phase ends)."""
     key = jax.random.fold_in(self.key, 7)  # the sampled protocol's negatives: fixed per run
-    return {m: {s: self.evaluators[s](self.models[m].score_all, state[m]["params"], key)
+    return {m: {s: self.evaluators[s](self.models[m].score_all, state[m]["params"], key,
+                                      bias=bias)
                 for s in splits} for m in models}
+
+  def group_summary(self) -> dict | None:
+    """The popularity groups of the bias metrics: counts of items and training interactions."""
+    if self.item_groups is None:
+      return None
+    g = self.item_groups
+    n = int(g.max()) + 1
+    pop = self.data.item_popularity
+    return {"asked": int(self.config.eval.get("popularity_groups", 4)), "num_groups": n,
+            "items": np.bincount(g[g >= 0], minlength=n).tolist(),
+            "interactions": np.bincount(g[g >= 0], weights=pop[g >= 0],
+                                        minlength=n).astype(int).tolist()}
 
   def refresh(self, static, params, carry, key, epoch):
     """The method's (cache, carry) for `epoch` (jitted, traced epoch)."""
@@ -504,8 +532,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Results (also written to `<workdir>/results.json`): for each finished phase ('warmup',
   'distill', 'control'), the validation and test metrics of its models at the phase's end (at
-  the best validation epoch when the phase stops early). `config.max_epochs_per_run` > 0 stops
-  (checkpointed) after that many epochs in this call.
+  the best validation epoch when the phase stops early), with the popularity-bias metrics
+  (`metrics.group_metrics`: Recall@K/g, NDCG@K/g, Share@K/g for the `eval.popularity_groups`
+  groups of `metrics.popularity_groups`, described under 'popularity_groups'); the per-epoch
+  validations leave them out. `config.max_epochs_per_run` > 0 stops (checkpointed) after that
+  many epochs in this call.
   """
   from kdrec_jax.checkpoint import PhaseCheckpoints
   os.makedirs(workdir, exist_ok=True)
@@ -513,6 +544,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = MetricWriter(workdir)
   results_path = os.path.join(workdir, "results.json")
   results = {"dataset": repr(exp.data), "config": config.to_dict(), "phases": {}}
+  if exp.item_groups is not None:
+    results["popularity_groups"] = exp.group_summary()
   if os.path.exists(results_path):
     with open(results_path) as f:
       old = json.load(f)
@@ -617,7 +650,7 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
     state.update(restored)
     logging.info("[%s] resumed at epoch %d from %s", phase.name, epoch, ckpt.directory)
   if not phase.train:  # nothing to train (e.g. the warm-up of a loaded teacher)
-    evals = exp.evaluate(state, models=evaluated)
+    evals = exp.evaluate(state, models=evaluated, bias=True)
     writer.write(phase=phase.name, epoch=0, final=True, eval=evals)
     return dict(evals, seconds=0.0, epochs=0)
   refresh_due = lambda e: e % every == 0 if every else e == 0  # noqa: E731
@@ -678,7 +711,7 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
     state = dict(state, **{x: {"params": best["params"][x]} for x in phase.train})
     extra.update(best_epoch=int(best["epoch"]), stopped_early=early.stopped(best),
                  stop_metric=f"{early.model} val {early.metric}")
-  evals = exp.evaluate(state, models=evaluated)
+  evals = exp.evaluate(state, models=evaluated, bias=True)
   evals.update(extra, seconds=time.time() - t_phase)
   writer.write(phase=phase.name, epoch=epoch, final=True, eval=evals)
   logging.info("[%s] done after %d epochs%s: test %s", phase.name, epoch,

@@ -11,7 +11,7 @@ import pytest
 from conftest import kd_config
 from kdrec_jax import train
 
-KD_METHODS = ("cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd")
+KD_METHODS = ("cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd", "ftd", "htd")
 
 
 def _model(name, dim):

@@ -1,0 +1,133 @@
+"""FTD — Full Topology Distillation (Kang, Hwang, Kweon & Yu, "Topology Distillation for
+Recommender System", KDD'21).
+
+The student matches the frozen teacher's full topology of the batch: the cosine similarities of
+every pair of entities (users and items together),
+
+  sim(A, B) = normalize(A) normalize(B)^T
+  L_FTD     = sum_{a, b in E} (sim(t_a, t_b) - sim(s_a, s_b))^2      (diagonal included)
+
+where E is the global batch's unique users followed by its unique items (positives and the
+student's own BPR negatives together), t the teacher's representations (stop-gradient) and s the
+student's. As the authors' code (Topology_Distillation_KDD21 `model.py`, `FTD.get_TD_loss`),
+users and items are stacked into ONE matrix, so the user-item and item-item similarities are
+matched too, not only the user-user ones; this needs the user and item representations of a
+model to have the same size (true of BPR-MF, LightGCN and NeuMF's [GMF; MLP] concatenation).
+The student's loss gains lambda_td L_FTD (the authors' guide notebook: lambda_td = 1e-3).
+
+Static shapes: E has S user slots and 2 S item slots (S = the global batch size), the slots past
+the unique ids padded and masked; pairs with a padded slot contribute 0.
+
+Data parallelism: every device gathers the global batch's ids (`parallel.global_unique`),
+computes the same global L_FTD and contributes its `parallel.replicated_share`, so 4 devices give
+the result of 1. The helpers here (`cosine_sim`, `entity_sets`, `stacked_representations`) are
+shared with HTD (`methods/htd.py`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kdrec_jax import methods, parallel
+from kdrec_jax.methods import Method
+
+MODELS = ("teacher", "student")
+NORM_EPS = 1e-24  # squared-norm floor: an all-zero row normalises to 0 (similarity 0), not NaN
+
+
+def normalize(x: jax.Array) -> jax.Array:
+  """Rows of x [n, d] scaled to unit L2 norm; an all-zero row stays 0 (finite gradients)."""
+  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS))
+
+
+def cosine_sim(a: jax.Array, b: jax.Array) -> jax.Array:
+  """sim(A, B) = normalize(A) normalize(B)^T: a [n, d], b [m, d] -> [n, m]."""
+  return normalize(a) @ normalize(b).T
+
+
+def ftd_loss(student: jax.Array, teacher: jax.Array, mask: jax.Array) -> jax.Array:
+  """sum over valid pairs (a, b) (diagonal included) of (sim(t_a, t_b) - sim(s_a, s_b))^2.
+
+  student [n, d_S], teacher [n, d_T] (stop-gradient here), mask [n] (False: padding).
+  """
+  teacher = jax.lax.stop_gradient(teacher)
+  diff = cosine_sim(teacher, teacher) - cosine_sim(student, student)
+  pairs = mask[:, None] & mask[None, :]
+  return jnp.sum(jnp.where(pairs, jnp.square(diff), 0.0))
+
+
+def entity_sets(batch, num_users: int, num_items: int) -> dict:
+  """The global batch's unique users and unique items (positives and the student's negatives).
+
+  batch: this device's {'user', 'pos', 'neg': {'student'}, 'weight'} [b]. Returns
+  {'user': {'ids' [S], 'mask' [S]}, 'item': {'ids' [2 S], 'mask' [2 S]}} (S = the global batch
+  size; ids past the unique ones are 0 and masked), identical on every device.
+  """
+  valid = batch["weight"] > 0
+  users, u_mask = parallel.global_unique(batch["user"], valid, fill=num_users)
+  pairs = jnp.stack([batch["pos"], batch["neg"]["student"]], axis=1)  # [b, 2]
+  items, i_mask = parallel.global_unique(pairs, jnp.broadcast_to(valid[:, None], pairs.shape),
+                                         fill=num_items)
+  return {"user": {"ids": jnp.where(u_mask, users, 0), "mask": u_mask},
+          "item": {"ids": jnp.where(i_mask, items, 0), "mask": i_mask}}
+
+
+def stacked_representations(models, outputs, sets) -> tuple[dict, jax.Array]:
+  """({'teacher': [n, d_T], 'student': [n, d_S]}, mask [n]): the users' representations followed
+  by the items' (n = S + 2 S), as the reference's torch.cat([users, items]); the teacher's under
+  stop-gradient."""
+  reps = {}
+  for m in MODELS:
+    u, i = models[m].representations(outputs[m], sets["user"]["ids"], sets["item"]["ids"])
+    reps[m] = jnp.concatenate([u, i], axis=0)
+  reps["teacher"] = jax.lax.stop_gradient(reps["teacher"])
+  return reps, jnp.concatenate([sets["user"]["mask"], sets["item"]["mask"]])
+
+
+def repr_dims(model) -> tuple[int, int]:
+  """(user, item) representation sizes of `model`, from shapes only."""
+  ids = jnp.zeros((1,), jnp.int32)
+  u, i = jax.eval_shape(lambda k: model.representations(model.init(k), ids, ids),
+                        jax.random.key(0))
+  return u.shape[-1], i.shape[-1]
+
+
+def check_stackable(name: str, models) -> dict[str, int]:
+  """{model: d}: the representation size of each model, whose users and items must share it
+  (topology distillation stacks them into one matrix); a clear error otherwise."""
+  dims = {}
+  for m in MODELS:
+    d_u, d_i = repr_dims(models[m])
+    if d_u != d_i:
+      raise ValueError(f"method {name!r} stacks users and items into one matrix; the {m} "
+                       f"{models[m].name!r} has user representations of size {d_u} and item "
+                       f"representations of size {d_i}")
+    dims[m] = d_u
+  return dims
+
+
+def make(cfg, models, data) -> Method:
+  """FTD for `models` = {'teacher': Model, 'student': Model} (pair-batched) on `data`.
+
+  cfg: lambda_td.
+  """
+  methods.require_pairs("ftd", models)
+  check_stackable("ftd", models)
+  num_users, num_items = data.num_users, data.num_items
+
+  def sample(view, batch, keys, key):
+    """The global batch's unique users and items (no randomness)."""
+    del view, keys, key
+    return entity_sets(batch, num_users, num_items)
+
+  def loss(outputs, batch, samples, hp):
+    """lambda_td L_FTD for the student (this device's share)."""
+    del batch
+    reps, mask = stacked_representations(models, outputs, samples)
+    value = ftd_loss(reps["student"], reps["teacher"], mask)
+    term = parallel.replicated_share(hp["lambda_td"] * value)
+    return {"student": term}, parallel.replicated_share({"ftd": value})
+
+  return Method(name="ftd", loss=loss, learners=("student",), sample=sample,
+                hparams={"lambda_td": float(cfg.lambda_td)})
