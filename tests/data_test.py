@@ -395,3 +395,23 @@ def test_default_config_keys():
     assert key in cfg
   assert (cfg.format, cfg.path, cfg.min_user_interactions, cfg.split, cfg.loo_order) == (
       "citeulike", "", 5, "loo", "file")
+
+
+def test_ceil_ratio_split_and_heldout_by_user():
+  """UnKD's protocol: ceil(0.2 n) random items per user held out, then a random half of the users
+  keep their held-out items as test and the others' become validation."""
+  sizes = [5, 10, 12, 20, 7, 9]
+  rec = data.Records(source="x", users=np.repeat(np.arange(6), sizes),
+                     items=np.concatenate([np.arange(n) for n in sizes]),
+                     order=np.arange(sum(sizes)), num_users=6, num_items=20)
+  inter = data.ratio_split(rec, val_ratio=0.0, test_ratio=0.2, order="random", seed=3,
+                           rounding="ceil")
+  assert np.diff(inter.split("test")[0]).tolist() == [1, 2, 3, 4, 2, 2]  # ceil(0.2 n)
+  assert len(inter.val_indices) == 0
+  split = data.preprocess.heldout_by_user(inter, 0.5, seed=1)
+  val_n, test_n = (np.diff(split.split(s)[0]) for s in ("val", "test"))
+  assert ((val_n > 0) ^ (test_n > 0)).all() and (test_n > 0).sum() == 3
+  np.testing.assert_array_equal(val_n + test_n, np.diff(inter.split("test")[0]))
+  np.testing.assert_array_equal(split.train_indices, inter.train_indices)
+  with pytest.raises(ValueError, match="heldout_test_users"):
+    data.preprocess.heldout_by_user(inter, 1.0)

@@ -335,3 +335,21 @@ class BDChexTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_bd_loss_user_batches(self):
     check_bd_loss_user_batches_matches_numpy(self.variant)
+
+
+def test_batch_l2_matches_numpy():
+  """`batch_l2`: c/2 sum_b w_b (|p_u|^2 + |q_i|^2 + |q_j|^2) on top of the BPR loss."""
+  cfg = ml_collections.ConfigDict(dict(name="bpr_mf", dim=3, init_std=0.5, batch_l2=0.01))
+  model = models.make(cfg, num_users=4, num_items=6)
+  plain = models.make(ml_collections.ConfigDict(dict(name="bpr_mf", dim=3, init_std=0.5)), 4, 6)
+  params = model.init(jax.random.key(0))
+  users, pos, neg = jnp.array([0, 1, 3]), jnp.array([1, 2, 5]), jnp.array([4, 0, 2])
+  weight = jnp.array([1.0, 0.0, 2.0])
+  p, q = (np.asarray(params[k], np.float64) for k in ("user", "item"))
+  reg = np.sum(np.asarray(weight) * (np.sum(p[users] ** 2, -1) + np.sum(q[pos] ** 2, -1)
+                                     + np.sum(q[neg] ** 2, -1)))
+  want = float(plain.cf_loss(params, users, pos, neg, weight)) + 0.005 * reg
+  np.testing.assert_allclose(float(model.cf_loss(params, users, pos, neg, weight)), want,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="batch_l2"):
+    models.make(ml_collections.ConfigDict(dict(name="neumf", dim=3, batch_l2=0.1)), 4, 6)

@@ -46,7 +46,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       val_ratio=0.1,
       test_ratio=0.2,
       ratio_order="random",         # 'random' | 'timestamp' | 'file'
-      ratio_rounding="round",       # 'round' | 'floor' (train floor(0.8 n), val to floor(0.9 n))
+      ratio_rounding="round",       # 'round' | 'ceil' | 'floor' (train floor(0.8 n), val to 0.9 n)
+      heldout_test_users=0.0,       # ratio: > 0 splits held-out sets by user (UnKD): this
+                                    # fraction of users is test, the others validation
       seed=0,
       train="",                     # format 'splits': the three files of user-item pairs
       val="",
@@ -123,7 +125,10 @@ def load(cfg: Any) -> Interactions:
   seed = int(_get(cfg, "seed"))
   if split == "loo":
     return leave_one_out(records, order=_get(cfg, "loo_order"), seed=seed, name=name)
-  return ratio_split(records, val_ratio=float(_get(cfg, "val_ratio")),
-                     test_ratio=float(_get(cfg, "test_ratio")),
-                     order=_get(cfg, "ratio_order"), seed=seed, name=name,
-                     rounding=_get(cfg, "ratio_rounding"))
+  inter = ratio_split(records, val_ratio=float(_get(cfg, "val_ratio")),
+                      test_ratio=float(_get(cfg, "test_ratio")),
+                      order=_get(cfg, "ratio_order"), seed=seed, name=name,
+                      rounding=_get(cfg, "ratio_rounding"))
+  if float(_get(cfg, "heldout_test_users") or 0):
+    inter = preprocess.heldout_by_user(inter, float(_get(cfg, "heldout_test_users")), seed)
+  return inter

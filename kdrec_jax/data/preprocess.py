@@ -16,7 +16,7 @@ from kdrec_jax.data.readers import Records
 
 LOO_ORDERS = ("file", "timestamp", "random")
 RATIO_ORDERS = ("random", "timestamp", "file")
-RATIO_ROUNDINGS = ("round", "floor")
+RATIO_ROUNDINGS = ("round", "ceil", "floor")
 
 
 def dedupe(records: Records) -> Records:
@@ -152,6 +152,12 @@ def _floor_times(n: np.ndarray, ratio: float) -> np.ndarray:
   return (n.astype(np.int64) * frac.numerator) // frac.denominator
 
 
+def _ceil_times(n: np.ndarray, ratio: float) -> np.ndarray:
+  """ceil(n * ratio) in exact rational arithmetic."""
+  frac = fractions.Fraction(str(ratio)).limit_denominator(10**9)
+  return -((-n.astype(np.int64) * frac.numerator) // frac.denominator)
+
+
 def ratio_split(records: Records, val_ratio: float = 0.1, test_ratio: float = 0.2,
                 order: str = "random", seed: int = 0, name: Optional[str] = None,
                 rounding: str = "round") -> Interactions:
@@ -159,6 +165,7 @@ def ratio_split(records: Records, val_ratio: float = 0.1, test_ratio: float = 0.
 
   rounding='round': round(n * test_ratio) items -> test, round(n * val_ratio) -> val, the rest
   -> train; every user keeps at least one training item (val is shrunk first, then test).
+  rounding='ceil' (the UnKD split): the same with ceil(n * ratio) held out.
   rounding='floor' (the RCE-KD / KDs split): train = the first max(floor(n * (1 - val_ratio -
   test_ratio)), 1), val up to floor(n * (1 - test_ratio)), test the rest; users with few items
   can get no validation item.
@@ -182,11 +189,34 @@ def ratio_split(records: Records, val_ratio: float = 0.1, test_ratio: float = 0.
     n_train_val = np.maximum(_floor_times(sizes, round(1 - test_ratio, 12)), n_train)
     which = np.where(pos < n_train, 0, np.where(pos < n_train_val, 1, 2))
     return _build(records, perm, which, name)
-  n_test = np.floor(sizes * test_ratio + 0.5).astype(np.int64)
-  n_val = np.floor(sizes * val_ratio + 0.5).astype(np.int64)
+  if rounding == "ceil":
+    n_test = _ceil_times(sizes, test_ratio)
+    n_val = _ceil_times(sizes, val_ratio)
+  else:
+    n_test = np.floor(sizes * test_ratio + 0.5).astype(np.int64)
+    n_val = np.floor(sizes * val_ratio + 0.5).astype(np.int64)
   excess = np.maximum(n_test + n_val - (sizes - 1), 0)
   cut_val = np.minimum(excess, n_val)
   n_val -= cut_val
   n_test -= excess - cut_val
   which = np.where(from_end < n_test, 2, np.where(from_end < n_test + n_val, 1, 0))
   return _build(records, perm, which, name)
+
+
+def heldout_by_user(inter: Interactions, test_fraction: float, seed: int = 0) -> Interactions:
+  """Splits the held-out users instead of their items (UnKD's protocol): a random
+  `int(test_fraction * U)` users keep all their held-out items (val and test) as test, the other
+  users' held-out items become validation. Training items are unchanged.
+  """
+  if not 0 < test_fraction < 1:
+    raise ValueError(f"heldout_test_users must be in (0, 1), got {test_fraction}")
+  u = inter.num_users
+  test_users = np.zeros(u, bool)
+  test_users[np.random.default_rng(seed).choice(u, int(test_fraction * u), replace=False)] = True
+  rows = {s: np.split(inter.split(s)[1], inter.split(s)[0][1:-1]) for s in ("val", "test")}
+  held = [np.concatenate([rows["val"][i], rows["test"][i]]) for i in range(u)]
+  empty = np.zeros(0, np.int32)
+  train = np.split(inter.train_indices, inter.train_indptr[1:-1])
+  return Interactions.from_rows(inter.name, inter.num_items, train,
+                                [empty if test_users[i] else held[i] for i in range(u)],
+                                [held[i] if test_users[i] else empty for i in range(u)])

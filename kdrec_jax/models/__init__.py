@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
+import jax.numpy as jnp
+
 from kdrec_jax import sparse
 from kdrec_jax.models import bpr_mf, cdae, lightgcn, neumf
 
@@ -29,6 +31,9 @@ class Model(NamedTuple):
       `num_negatives` sampled negatives per positive in `neg_mask`.
   Teacher and student of one run share the batching; the distillation methods read the same
   outputs (params for 'pairs', the forward's logits for 'users').
+  `batch_l2` (BPR-MF, LightGCN) adds c/2 * sum_b w_b (|e_u|^2 + |e_i|^2 + |e_j|^2) over the
+  batch's rows of the layer-0 tables to `cf_loss`, the LightGCN/UnKD code's regulariser (their
+  `decay` with a mean loss is c with this library's summed one).
   """
   name: str
   init: Callable[[Any], Any]
@@ -41,7 +46,32 @@ class Model(NamedTuple):
   num_negatives: int = 1
 
 
+def _with_batch_l2(model: Model, coef: float) -> Model:
+  """`model` whose `cf_loss` also pays coef/2 * sum_b w_b (|e_u|^2 + |e_pos|^2 + |e_neg|^2)."""
+  if model.batching != "pairs":
+    raise ValueError(f"batch_l2: {model.name!r} does not train on (user, item) pairs")
+
+  def cf_loss(params, users, pos, neg, weight):
+    sq = lambda table, ids: jnp.sum(jnp.square(params[table][ids]), axis=-1)  # noqa: E731
+    reg = jnp.sum(weight * (sq("user", users) + sq("item", pos) + sq("item", neg)))
+    return model.cf_loss(params, users, pos, neg, weight) + 0.5 * coef * reg
+
+  return model._replace(cf_loss=cf_loss)
+
+
 def make(cfg, num_users: int, num_items: int, data=None) -> Model:
+  """Builds the model named by `cfg.name` with the sizes in `cfg` (see `_make`), with the
+  optional `batch_l2` regulariser (BPR-MF, LightGCN)."""
+  model = _make(cfg, num_users, num_items, data)
+  coef = float(cfg.get("batch_l2", 0.0) or 0.0)
+  if coef:
+    if model.name not in ("bpr_mf", "lightgcn"):
+      raise ValueError(f"batch_l2 is defined for bpr_mf and lightgcn, not {model.name!r}")
+    model = _with_batch_l2(model, coef)
+  return model
+
+
+def _make(cfg, num_users: int, num_items: int, data=None) -> Model:
   """Builds the model named by `cfg.name` (one of `NAMES`) with the sizes in `cfg`.
 
   bpr_mf: dim, init_std (0.1). neumf: dim, mlp_dim (dim), mlp_layers ((2 dim, dim)), init_std

