@@ -134,7 +134,8 @@ def kd_config(data_path: str, method: str, **overrides):
   cfg.distill.epochs = 2 if cfg.distill.epochs else 0  # ':teacher' has no distillation phase
   cfg.eval.chunk_size = 64
   small = dict(pool_size=40, top_m=30, num_interesting=5, num_uninteresting=10, top_k=5,
-               num_dynamic_samples=10, dynamic_start_epoch=1, num_experts=3, num_samples=3)
+               num_dynamic_samples=10, dynamic_start_epoch=1, num_experts=3, num_samples=3,
+               top_l=30)
   for k, v in small.items():
     if k in cfg.method:
       cfg.method[k] = v
