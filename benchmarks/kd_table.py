@@ -1,11 +1,18 @@
-r"""The README's teacher->student comparison table from finished workdirs (results.json files).
+r"""The README's teacher->student tables from finished workdirs (results.json files).
 
-  python -m benchmarks.kd_table --runs benchmarks/results/kd_cpu [--markdown]
+  python -m benchmarks.kd_table --protocol kd --runs benchmarks/results/kd_cpu
+  python -m benchmarks.kd_table --protocol td --runs benchmarks/results/td_cpu
+  python -m benchmarks.kd_table --protocol ub --runs benchmarks/results/ub_cpu
 
-`--runs` holds one folder per run named `<method>_s<seed>` (plus `teacher`), each with the
-results.json (and metrics.jsonl) that `launch.train` wrote. Prints test Recall@10 / NDCG@10 /
-Recall@20 / NDCG@20 at the best validation epoch, mean ± std over seeds, beside the published
-RCE-KD Table 1 row where there is one, the best epoch, the seconds per epoch and the wall time.
+`--runs` holds one folder per run with the results.json (and metrics.jsonl) `launch.train` wrote:
+- kd (configs/kd_citeulike.py): `<method>_s<seed>` and `teacher`. Test Recall@10 / NDCG@10 /
+  Recall@20 / NDCG@20 at the best validation epoch, mean ± std over seeds, beside the published
+  RCE-KD Table 1 row where there is one, the gain in NDCG@20 over the no-KD student, the best
+  epoch, the seconds per epoch and the wall time of the phase.
+- td (configs/td_citeulike.py): `teacher` and `<method>_d<dim>`. Test HR@50 / NDCG@50 after the
+  students' 100 epochs, beside the reference's logged HR@50.
+- ub (configs/unkd_protocol.py): `<dataset>_<method>`. Test Recall@20 / NDCG@20, per popularity
+  group (g0 the most popular), and each group's share of the top-20 lists.
 """
 import collections
 import json
@@ -17,6 +24,7 @@ from absl import flags
 import numpy as np
 
 _RUNS = flags.DEFINE_string("runs", "benchmarks/results/kd_cpu", "Folder of run folders.")
+_PROTOCOL = flags.DEFINE_enum("protocol", "kd", ["kd", "td", "ub"], "Which table.")
 
 KEYS = ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20")
 # RCE-KD (arXiv 2509.20989) Table 1, MF -> MF on CiteULike, mean of 5 runs (from the issue).
@@ -30,69 +38,120 @@ PUBLISHED = {
 LABELS = {
     "teacher": "teacher (MF d=400)", "none": "student d=20, no KD", "cd": "CD, student-guided",
     "cd_teacher": "CD, teacher-guided", "rd": "RD", "de": "DE", "rrd": "RRD",
-    "de_rrd": "DE-RRD", "dcd": "DCD",
+    "de_rrd": "DE-RRD", "dcd": "DCD", "ftd": "FTD", "htd": "HTD", "unkd": "UnKD",
 }
-ORDER = ("teacher", "none", "cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd")
+ORDER = ("teacher", "none", "cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd", "ftd", "htd",
+         "unkd")
+# Topology_Distillation_KDD21 logs/: test HR@50 after 100 epochs, teacher d=200 0.3123.
+TD_REFERENCE = {("none", 10): .1788, ("ftd", 10): .2112, ("htd", 10): .2282,
+                ("none", 20): .2276, ("ftd", 20): .2516, ("htd", 20): .2744}
 
 
 def load_runs(root: str) -> dict:
-  """{method: [(seed, phase results, metrics records)]} for every finished run under `root`."""
-  out = collections.defaultdict(list)
+  """{run folder name: the results.json phases} for every run under `root`."""
+  out = {}
   for name in sorted(os.listdir(root)):
     path = os.path.join(root, name, "results.json")
-    if not os.path.exists(path):
-      continue
-    with open(path) as f:
-      phases = json.load(f)["phases"]
-    match = re.fullmatch(r"(.+)_s(\d+)", name)
-    method, seed = (match.group(1), int(match.group(2))) if match else (name, 0)
-    phase = "warmup" if method == "teacher" else "distill"
-    if phase not in phases:
-      continue
-    records = []
-    metrics_path = os.path.join(root, name, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-      with open(metrics_path) as f:
-        records = [json.loads(line) for line in f]
-    out[method].append((seed, phases[phase], [r for r in records if r.get("phase") == phase]))
+    if os.path.exists(path):
+      with open(path) as f:
+        out[name] = json.load(f)["phases"]
   return out
 
 
+def _result(phases: dict, teacher: bool):
+  """(the phase's results, the model key) of a run: the warm-up for a teacher run."""
+  phase = phases.get("warmup" if teacher else "distill")
+  return (phase, "teacher" if teacher else "student") if phase else (None, None)
+
+
 def _cell(values) -> str:
-  values = np.asarray(values)
+  values = np.asarray(values, np.float64)
   if len(values) == 1:
     return f"{values[0]:.4f}"
   return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
 
 
-def table(root: str) -> str:
-  runs = load_runs(root)
-  model = lambda m: "teacher" if m == "teacher" else "student"  # noqa: E731
-  none = [r[1]["student"]["test"]["NDCG@20"] for r in runs.get("none", [])]
+def kd_table(runs: dict) -> str:
+  by_method = collections.defaultdict(list)
+  for name, phases in runs.items():
+    match = re.fullmatch(r"(.+)_s(\d+)", name)
+    method, seed = (match.group(1), int(match.group(2))) if match else (name, 0)
+    phase, model = _result(phases, method == "teacher")
+    if phase:
+      by_method[method].append((seed, phase, model))
+  none = [p[model]["test"]["NDCG@20"] for _, p, model in by_method.get("none", [])]
   lines = ["| run | seeds | R@10 | N@10 | R@20 | N@20 | published R@10 / N@10 / R@20 / N@20 "
            "| N@20 vs no-KD | best epoch | s/epoch | wall |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for method in ORDER:
-    if method not in runs:
+    rs = by_method.get(method)
+    if not rs:
       continue
-    rs = runs[method]
-    tests = [r[1][model(method)]["test"] for r in rs]
+    tests = [p[model]["test"] for _, p, model in rs]
     cells = [_cell([t[k] for t in tests]) for k in KEYS]
     pub = " / ".join(f"{v:.4f}" for v in PUBLISHED[method]) if method in PUBLISHED else "—"
     n20 = np.mean([t["NDCG@20"] for t in tests])
     gain = f"{100 * (n20 / np.mean(none) - 1):+.1f}%" if none and method != "teacher" else "—"
-    best = ", ".join(str(r[1].get("best_epoch", "—")) for r in rs)
-    per_epoch = [r[1]["seconds"] / max(r[1]["epochs"], 1) for r in rs]
-    wall = [r[1]["seconds"] for r in rs]
+    best = ", ".join(str(p.get("best_epoch", "—")) for _, p, _ in rs)
+    per_epoch = np.mean([p["seconds"] / max(p["epochs"], 1) for _, p, _ in rs])
+    wall = np.mean([p["seconds"] for _, p, _ in rs]) / 60
     lines.append(f"| {LABELS.get(method, method)} | {','.join(str(r[0]) for r in rs)} | "
-                 + " | ".join(cells) + f" | {pub} | {gain} | {best} | "
-                 f"{np.mean(per_epoch):.2f} | {np.mean(wall) / 60:.0f} min |")
+                 + " | ".join(cells) + f" | {pub} | {gain} | {best} | {per_epoch:.2f} | "
+                 f"{wall:.0f} min |")
   return "\n".join(lines)
+
+
+def td_table(runs: dict) -> str:
+  lines = ["| student | method | HR@50 | NDCG@50 | reference HR@50 (its split) | wall |",
+           "|---|---|---|---|---|---|"]
+  if "teacher" in runs:
+    phase, _ = _result(runs["teacher"], True)
+    t = phase["teacher"]["test"]
+    lines.append(f"| teacher d=200 | — | {t['HR@50']:.4f} | {t['NDCG@50']:.4f} | 0.3123 | "
+                 f"{phase['seconds'] / 60:.0f} min |")
+  for dim in (10, 20):
+    for method in ("none", "ftd", "htd"):
+      name = f"{method}_d{dim}"
+      if name not in runs or "distill" not in runs[name]:
+        continue
+      phase = runs[name]["distill"]
+      t = phase["student"]["test"]
+      label = "alone" if method == "none" else LABELS[method]
+      lines.append(f"| d={dim} | {label} | {t['HR@50']:.4f} | {t['NDCG@50']:.4f} | "
+                   f"{TD_REFERENCE[(method, dim)]:.4f} | {phase['seconds'] / 60:.0f} min |")
+  return "\n".join(lines)
+
+
+def ub_table(runs: dict) -> str:
+  labels = dict(LABELS, teacher="teacher (MF d=100)", none="student d=10, no KD")
+  header = None
+  lines = []
+  for dataset in ("citeulike", "ml1m"):
+    short = "cite" if dataset == "citeulike" else "ml1m"
+    for method in ("teacher", "none", "rrd", "cd", "unkd"):
+      name = f"{short}_{method}"
+      phase, model = _result(runs.get(name, {}), method == "teacher")
+      if not phase:
+        continue
+      t = phase[model]["test"]
+      groups = sorted({int(k.rsplit("/g", 1)[1]) for k in t if "/g" in k})
+      if header is None:
+        per = " | ".join(f"R@20 g{g}" for g in groups)
+        share = " | ".join(f"share g{g}" for g in groups)
+        header = (f"| data | run | R@20 | N@20 | {per} | {share} |",
+                  "|---|---|---|---|" + "---|" * (2 * len(groups)))
+      fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+      lines.append(f"| {dataset} | {labels[method]} | {t['Recall@20']:.4f} | "
+                   f"{t['NDCG@20']:.4f} | "
+                   + " | ".join(fmt(t.get(f"Recall@20/g{g}")) for g in groups) + " | "
+                   + " | ".join(fmt(t.get(f"Share@20/g{g}")) for g in groups) + " |")
+  return "\n".join([*header, *lines]) if header else ""
 
 
 def main(argv):
   del argv
-  print(table(_RUNS.value))
+  runs = load_runs(_RUNS.value)
+  print({"kd": kd_table, "td": td_table, "ub": ub_table}[_PROTOCOL.value](runs))
 
 
 if __name__ == "__main__":
