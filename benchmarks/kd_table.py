@@ -25,6 +25,8 @@ import numpy as np
 
 _RUNS = flags.DEFINE_string("runs", "benchmarks/results/kd_cpu", "Folder of run folders.")
 _PROTOCOL = flags.DEFINE_enum("protocol", "kd", ["kd", "td", "ub"], "Which table.")
+_README = flags.DEFINE_string("readme", "", "Also write the table into this file, between the "
+                              "lines '<!-- <PROTOCOL>_TABLE -->' and '<!-- /<PROTOCOL>_TABLE -->'.")
 
 KEYS = ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20")
 # RCE-KD (arXiv 2509.20989) Table 1, MF -> MF on CiteULike, mean of 5 runs (from the issue).
@@ -148,10 +150,26 @@ def ub_table(runs: dict) -> str:
   return "\n".join([*header, *lines]) if header else ""
 
 
+def write_between_markers(path: str, name: str, text: str) -> None:
+  """Replaces what lies between the marker lines of `name` in the file at `path`."""
+  start, end = f"<!-- {name}_TABLE -->", f"<!-- /{name}_TABLE -->"
+  with open(path) as f:
+    doc = f.read()
+  if start not in doc or end not in doc:
+    raise ValueError(f"{path}: no '{start}' ... '{end}' lines")
+  head, rest = doc.split(start, 1)
+  _, tail = rest.split(end, 1)
+  with open(path, "w") as f:
+    f.write(f"{head}{start}\n{text}\n{end}{tail}")
+
+
 def main(argv):
   del argv
   runs = load_runs(_RUNS.value)
-  print({"kd": kd_table, "td": td_table, "ub": ub_table}[_PROTOCOL.value](runs))
+  text = {"kd": kd_table, "td": td_table, "ub": ub_table}[_PROTOCOL.value](runs)
+  print(text)
+  if _README.value:
+    write_between_markers(_README.value, _PROTOCOL.value.upper(), text)
 
 
 if __name__ == "__main__":
