@@ -611,7 +611,8 @@ def _initial_state(exp: Experiment, phase: Phase, opts, starts: dict):
 
 def _refresh(exp: Experiment, phase: Phase, state, key, epoch: int, resume: bool = False):
   """Rebuilds the method's cache for `epoch` (a refresh epoch). On a mid-period resume the cache
-  is recomputed from the checkpointed snapshot (same inputs, same tables) and the carry kept."""
+  is recomputed from the checkpointed snapshot (same inputs, same tables) and the carry kept.
+  Returns the refresh's statistics (the cache's 'metrics', taken out of it), or None."""
   method = exp.method
   if not resume:
     snap = {m: jax.tree.map(jnp.copy, state[m]["params"])
@@ -624,9 +625,11 @@ def _refresh(exp: Experiment, phase: Phase, state, key, epoch: int, resume: bool
   params = {m: snap[m] if m in snap else state[m]["params"] for m in method.refresh_reads}
   cache, carry = exp.refresh(state["static"], params, snap.get("carry", state["carry"]),
                              jax.random.fold_in(key, epoch), epoch)
+  stats = cache.pop("metrics", None)  # per-refresh statistics: logged, not carried by the step
   state["cache"] = cache
   if not resume:
     state["carry"] = carry
+  return stats
 
 
 def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, budget,
@@ -673,7 +676,9 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
       ckpt.save(epoch, _saved(state, phase, best))
       return None
     if uses_refresh and refresh_due(epoch):
-      _refresh(exp, phase, state, refresh_key, epoch)
+      stats = _refresh(exp, phase, state, refresh_key, epoch)
+      if stats is not None:
+        writer.write(phase=phase.name, epoch=epoch, refresh=jax.device_get(stats))
       state = jax.device_put(state, replicated)
     state, metrics = run_epoch(state, exp.examples, jax.random.fold_in(phase_key, epoch), epoch)
     epoch += 1

@@ -25,8 +25,14 @@ Two ways to keep the sampling state, chosen by memory: under `table_budget_mb`, 
 stores per-user cumulative weights for all items (two U x I float32 tables) and a draw is a binary
 search; over it, the state is just the parameter snapshot and each step ranks its batch's users
 from it (memory O(batch x items)).
+
+`make(..., feedback=Feedback(...))` reweights these weights by state built at each refresh (iBD,
+`kdrec_jax.methods.ibd`), in both ways of keeping the sampling state; the sampler and the loss
+are BD's. Without it BD is unchanged.
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,19 +42,24 @@ from kdrec_jax import ranking, sparse
 from kdrec_jax.methods import Method
 
 
+def discrepancy(rank_t: jax.Array, rank_s: jax.Array, rank_sign: str = "paper") -> jax.Array:
+  """The student's rank discrepancy d (the teacher's is -d), the same shape as the ranks: the
+  student's BD weight grows with d, the teacher's with -d. 'paper': rank_S - rank_T (> 0: the
+  teacher ranks the item above the student); 'notebook': the public notebook's inverted sign."""
+  if rank_sign == "paper":
+    return rank_s - rank_t  # > 0: the teacher ranks the item above the student
+  if rank_sign == "notebook":
+    return rank_t - rank_s
+  raise ValueError(f"rank_sign must be 'paper' or 'notebook', got {rank_sign!r}")
+
+
 def discrepancy_weights(rank_t: jax.Array, rank_s: jax.Array, eps_t: float, eps_e: float,
                         rank_sign: str = "paper") -> tuple[jax.Array, jax.Array]:
   """(student's weights p_TS, teacher's weights p_ST), unnormalised, 0 where a rank is 0.
 
   Ranks are 1 = best and 0 for excluded items.
   """
-  if rank_sign == "paper":
-    d = rank_s - rank_t  # > 0: the teacher ranks the item above the student
-  elif rank_sign == "notebook":
-    d = rank_t - rank_s
-  else:
-    raise ValueError(f"rank_sign must be 'paper' or 'notebook', got {rank_sign!r}")
-  d = d.astype(jnp.float32)
+  d = discrepancy(rank_t, rank_s, rank_sign).astype(jnp.float32)
   keep = (rank_t > 0) & (rank_s > 0)
   w_student = jnp.where(keep, jnp.tanh(jnp.maximum(eps_t * d, 0.0)), 0.0)
   w_teacher = jnp.where(keep, jnp.exp(-eps_e * d), 0.0)
@@ -65,34 +76,86 @@ def table_bytes(num_users: int, num_items: int) -> int:
   return 2 * 4 * num_users * num_items
 
 
-def make(cfg, models, data) -> Method:
-  """BD for `models` = {'teacher': Model, 'student': Model} on `data` (Interactions)."""
+def user_ranks(models, train: sparse.DeviceCSR, num_items: int, mask_positives: bool, params,
+               users: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(teacher's, student's) ranks [C, I] of all items for `users` [C] under `params`
+  ({'teacher', 'student'}): 1 = best, 0 for the training positives when `mask_positives`."""
+  exclude = sparse.row_mask(train, users, num_items) if mask_positives else None
+  r_t = ranking.ranks(models["teacher"].score_all(params["teacher"], users), exclude)
+  r_s = ranking.ranks(models["student"].score_all(params["student"], users), exclude)
+  return r_t, r_s
+
+
+class Feedback(NamedTuple):
+  """A reweighting of BD's sampling weights by per-user state built at each refresh (iBD's hook).
+
+  rows(snapshot, carry, key, epoch, users, ranks, weights) -> (fb, out): called at the refresh on
+    each chunk of users [C] with the models' ranks (rank_T, rank_S) [C, I] and BD's weights
+    (w_student, w_teacher) [C, I] from `snapshot`. fb: the per-user rows `apply` reads (a pytree
+    of [C, ...]); out: anything else the refresh collects over all users for `finish`.
+  apply(fb, w_student, w_teacher) -> (w_student, w_teacher): the reweighted weights [C, I].
+  finish(snapshot, carry, epoch, out) -> (cache, carry): entries added to the refresh's cache
+    (out: [U, ...]) and the carry the period starts with.
+  With sampling tables, `apply` runs inside the refresh and the tables hold the reweighted
+  weights; over the table budget the cache keeps `fb` for all users ('feedback', [U, ...]) and
+  each step applies it to its users' weights.
+  """
+  rows: Callable
+  apply: Callable
+  finish: Callable
+
+
+def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
+  """BD for `models` = {'teacher': Model, 'student': Model} on `data` (Interactions); with
+  `feedback`, BD's weights reweighted as it says (see `Feedback`)."""
   num_users, num_items = data.num_users, data.num_items
   train = sparse.DeviceCSR.from_numpy(*data.split("train"))
   use_tables = table_bytes(num_users, num_items) <= cfg.table_budget_mb * 2**20
   chunk = min(cfg.refresh_chunk, num_users)
   by_users = models["teacher"].batching == "users"
 
+  def ranks_for(snapshot, users):
+    return user_ranks(models, train, num_items, cfg.mask_positives, snapshot, users)
+
   def weights_for(snapshot, users):
-    exclude = sparse.row_mask(train, users, num_items) if cfg.mask_positives else None
-    r_t = ranking.ranks(models["teacher"].score_all(snapshot["teacher"], users), exclude)
-    r_s = ranking.ranks(models["student"].score_all(snapshot["student"], users), exclude)
-    return discrepancy_weights(r_t, r_s, cfg.eps_t, cfg.eps_e, cfg.rank_sign)
+    return discrepancy_weights(*ranks_for(snapshot, users), cfg.eps_t, cfg.eps_e, cfg.rank_sign)
 
   def refresh(static, snapshot, carry, key, epoch):
-    del static, key, epoch  # BD's tables depend only on the two models
-    if not use_tables:
+    del static  # BD's tables depend only on the two models (and the feedback's state)
+    if feedback is None and not use_tables:
       return {"snapshot": snapshot}, carry
     n_chunks = -(-num_users // chunk)
     users = jnp.arange(n_chunks * chunk, dtype=jnp.int32) % num_users
 
     def one(u):  # user batches read weights; pair batches binary-search cumulative weights
-      w_s, w_t = weights_for(snapshot, u)
-      return (w_s, w_t) if by_users else (jnp.cumsum(w_s, axis=1), jnp.cumsum(w_t, axis=1))
+      r_t, r_s = ranks_for(snapshot, u)
+      w_s, w_t = discrepancy_weights(r_t, r_s, cfg.eps_t, cfg.eps_e, cfg.rank_sign)
+      fb = out = None
+      if feedback is not None:
+        fb, out = feedback.rows(snapshot, carry, key, epoch, u, (r_t, r_s), (w_s, w_t))
+        w_s, w_t = feedback.apply(fb, w_s, w_t)
+      if not use_tables:
+        return None, fb, out
+      tables = (w_s, w_t) if by_users else (jnp.cumsum(w_s, axis=1), jnp.cumsum(w_t, axis=1))
+      return tables, None, out
 
-    t_s, t_t = jax.lax.map(one, users.reshape(n_chunks, chunk))
-    return {"table_student": t_s.reshape(-1, num_items)[:num_users],
-            "table_teacher": t_t.reshape(-1, num_items)[:num_users]}, carry
+    tables, fb, out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_users],
+                                   jax.lax.map(one, users.reshape(n_chunks, chunk)))
+    if use_tables:
+      cache = {"table_student": tables[0], "table_teacher": tables[1]}
+    else:
+      cache = {"snapshot": snapshot, "feedback": fb}
+    if feedback is not None:
+      extra, carry = feedback.finish(snapshot, carry, epoch, out)
+      cache.update(extra)
+    return cache, carry
+
+  def snapshot_weights(state, users):
+    """Weights for a batch's `users` from the snapshot (over the table budget)."""
+    w_s, w_t = weights_for(state["snapshot"], users)
+    if feedback is None:
+      return w_s, w_t
+    return feedback.apply(jax.tree.map(lambda x: x[users], state["feedback"]), w_s, w_t)
 
   def sample(view, batch, keys, key):
     del key
@@ -101,7 +164,7 @@ def make(cfg, models, data) -> Method:
     n = cfg.num_samples
     if by_users:
       w_s, w_t = ((state["table_student"][users], state["table_teacher"][users]) if use_tables
-                  else weights_for(state["snapshot"], users))
+                  else snapshot_weights(state, users))
       draws = n * train.row_lengths[users]
       return {"student": ranking.draws_mask(k_s, w_s, draws),
               "teacher": ranking.draws_mask(k_t, w_t, draws)}
@@ -109,7 +172,7 @@ def make(cfg, models, data) -> Method:
       s = ranking.sample_from_cdf(k_s, state["table_student"], users, n)
       t = ranking.sample_from_cdf(k_t, state["table_teacher"], users, n)
     else:
-      w_s, w_t = weights_for(state["snapshot"], users)
+      w_s, w_t = snapshot_weights(state, users)
       s = ranking.sample_from_weights(k_s, w_s, n)
       t = ranking.sample_from_weights(k_t, w_t, n)
     return {"student": s, "teacher": t}
