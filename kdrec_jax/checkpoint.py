@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -14,9 +15,13 @@ class PhaseCheckpoints:
 
   def __init__(self, root: str, phase: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(os.path.join(root, phase))
-    self._manager = ocp.CheckpointManager(
+    self.max_to_keep = max_to_keep
+    self._manager = self._new_manager()
+
+  def _new_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True))
 
   def latest_epoch(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -33,6 +38,26 @@ class PhaseCheckpoints:
     epoch = self._epoch(epoch)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+
+  def restore_latest(self, like: Any) -> tuple[Optional[int], Any]:
+    """(epoch, state) of the newest readable checkpoint, (None, None) if there is none.
+
+    A checkpoint that cannot be restored (truncated, garbled, wrong structure) is reported by
+    path, renamed to `<epoch>.unreadable` (kept for inspection, ignored from then on) and the one
+    before it is tried.
+    """
+    for epoch in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return epoch, self.restore(like, epoch)
+      except Exception as e:  # noqa: BLE001 - any failure to read means: use an older one
+        path = os.path.join(self.directory, str(epoch))
+        logging.error("Checkpoint %s is unreadable (%s: %s); moving it to %s.unreadable and "
+                      "trying the previous one.", path, type(e).__name__,
+                      str(e).splitlines()[0] if str(e) else "", path)
+        self._manager.close()
+        os.replace(path, path + ".unreadable")
+        self._manager = self._new_manager()
+    return None, None
 
   def restore_raw(self, epoch: Optional[int] = None) -> Any:
     """Restores the checkpoint at `epoch` (default: latest) as it was saved (nested dicts)."""

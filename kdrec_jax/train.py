@@ -519,7 +519,7 @@ def _check_teacher(workdir: str, source: str, params) -> dict:
     with open(path) as f:
       old = json.load(f)
     if old["sha256"] != record["sha256"]:
-      raise ValueError(f"{workdir} was distilled from the teacher {old['source']} (sha256 "
+      raise WorkdirError(f"{workdir} was distilled from the teacher {old['source']} (sha256 "
                        f"{old['sha256'][:12]}...), but this run's teacher is {source} (sha256 "
                        f"{record['sha256'][:12]}...); use a new workdir")
   else:
@@ -527,8 +527,103 @@ def _check_teacher(workdir: str, source: str, params) -> dict:
   return record
 
 
+class WorkdirError(ValueError):
+  """A workdir that cannot be used as asked: busy, or written by another config or teacher."""
+
+
+# Config keys that only steer a run (how long a call runs, logging, checkpoint cadence, the
+# device count, chunk sizes, where the data and teacher live); the data and the teacher are
+# checked by content instead. Any other difference refuses a resume.
+STEERING_KEYS = frozenset({
+    "max_epochs_per_run", "num_devices", "log_every", "checkpoint_every", "checkpoint_keep",
+    "eval.chunk_size", "teacher_init", "force_resume", "data.path", "data.url", "data.cache_dir",
+    "data.train", "data.val", "data.test", "method.refresh_chunk", "method.list_chunk"})
+
+
+def _flat(tree, prefix="") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def data_hash(data) -> str:
+  """sha256 of a dataset's sizes and its three CSR splits."""
+  h = hashlib.sha256(f"{data.num_users} {data.num_items}".encode())
+  for split in ("train", "val", "test"):
+    for a in data.split(split):
+      h.update(np.ascontiguousarray(a, np.int64).tobytes())
+  return h.hexdigest()
+
+
+def check_config(workdir: str, config, data) -> list[str]:
+  """Records the config (less the steering keys) and the data's hash in `<workdir>/config.json`
+  on a fresh workdir; on a resume, refuses (WorkdirError, naming the differing keys) a different
+  one, unless `config.force_resume`, which records the new one and returns the differences."""
+  path = os.path.join(workdir, "config.json")
+  record = {"config": {k: v for k, v in _flat(config.to_dict()).items()
+                       if k not in STEERING_KEYS},
+            "data_sha256": data_hash(data)}
+  diffs = []
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    # Keys in only one of the two come from a library version that added or removed them.
+    keys = sorted(set(old["config"]) & set(record["config"]))
+    diffs = [f"{k}: {old['config'][k]!r} -> {record['config'][k]!r}"
+             for k in keys if old["config"][k] != _jsonable(record["config"][k])]
+    if old["data_sha256"] != record["data_sha256"]:
+      diffs.append("the data (its content hash differs)")
+    if diffs and not config.get("force_resume", False):
+      raise WorkdirError(f"{workdir} was written by another config ({'; '.join(diffs)}); use a "
+                         "new workdir, or --config.force_resume=True to continue with this one")
+    if not diffs:
+      return []
+    logging.warning("force_resume: continuing %s with a changed config: %s", workdir,
+                    "; ".join(diffs))
+  elif os.path.exists(os.path.join(workdir, "checkpoints")):
+    logging.warning("%s has checkpoints but no config.json (an older workdir): resuming without "
+                    "a config check", workdir)
+  _write_json_atomic(path, record)
+  return diffs
+
+
+class _WorkdirLock:
+  """An exclusive lock on `<workdir>/.lock` for one run's lifetime (released by the OS when the
+  process dies, so a killed run never leaves the workdir locked)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+
+  def __enter__(self):
+    import fcntl
+    self.file = open(self.path, "a+")
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self.file.seek(0)
+      owner = self.file.read().strip() or "another process"
+      self.file.close()
+      raise WorkdirError(f"{os.path.dirname(self.path)} is in use by a running run ({owner}); "
+                         "wait for it or use another workdir") from None
+    self.file.seek(0)
+    self.file.truncate()
+    self.file.write(f"pid {os.getpid()}\n")
+    self.file.flush()
+    return self
+
+  def __exit__(self, *exc):
+    self.file.close()
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the whole schedule in `workdir`, resuming from its checkpoints; returns the results.
+
+  The workdir is locked for the call (a second run on it is refused) and its config checked
+  against the one that started it (`check_config`).
 
   Results (also written to `<workdir>/results.json`): for each finished phase ('warmup',
   'distill', 'control'), the validation and test metrics of its models at the phase's end (at
@@ -538,9 +633,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validations leave them out. `config.max_epochs_per_run` > 0 stops (checkpointed) after that
   many epochs in this call.
   """
-  from kdrec_jax.checkpoint import PhaseCheckpoints
   os.makedirs(workdir, exist_ok=True)
+  with _WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
+  from kdrec_jax.checkpoint import PhaseCheckpoints
   exp = Experiment(config)
+  forced = check_config(workdir, config, exp.data)
   writer = MetricWriter(workdir)
   results_path = os.path.join(workdir, "results.json")
   results = {"dataset": repr(exp.data), "config": config.to_dict(), "phases": {}}
@@ -550,8 +651,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(results_path) as f:
       old = json.load(f)
     results["phases"] = old.get("phases", {})
-    if "teacher" in old:
-      results["teacher"] = old["teacher"]
+    for key in ("teacher", "forced_resumes"):
+      if key in old:
+        results[key] = old[key]
+  if forced:
+    results.setdefault("forced_resumes", []).append(forced)
   logging.info("%s; %d device(s); method %s", exp.data, exp.mesh.devices.size, exp.method.name)
   budget = [config.get("max_epochs_per_run", 0) or None]  # epochs left in this call
   ckpt_root = os.path.join(workdir, "checkpoints")
@@ -645,10 +749,10 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
     state["snapshot"] = {m: state[m]["params"] for m in method.refresh_reads if m in phase.train}
     if state["carry"]:
       state["snapshot"]["carry"] = state["carry"]
-  epoch = 0
-  if ckpt.latest_epoch() is not None:
-    epoch = ckpt.latest_epoch()
-    restored = ckpt.restore(_saved(state, phase, best))
+  epoch, restored = ckpt.restore_latest(_saved(state, phase, best))
+  if restored is None:
+    epoch = 0
+  else:
     best = restored.pop("best", best)
     state.update(restored)
     logging.info("[%s] resumed at epoch %d from %s", phase.name, epoch, ckpt.directory)

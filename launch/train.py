@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from kdrec_jax import train
 from kdrec_jax.data import DataError
+from launch.flags_util import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
@@ -36,11 +37,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (DataError, FileNotFoundError) as e:
+  except (DataError, FileNotFoundError, train.WorkdirError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

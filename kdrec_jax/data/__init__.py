@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 
@@ -12,16 +12,18 @@ from kdrec_jax.data.errors import DataError
 from kdrec_jax.data.interactions import Interactions
 from kdrec_jax.data.preprocess import dedupe, filter_min, leave_one_out, ratio_split, reindex
 from kdrec_jax.data.readers import (DEFAULT_CACHE_DIR, SHIPPED_CITEULIKE, Records, download,
-                                    read_citeulike, read_delimited, read_splits)
+                                    read_citeulike, read_delimited, read_json_lines, read_recbole,
+                                    read_splits)
 
 __all__ = [
     "DataError", "Interactions", "Records", "SHIPPED_CITEULIKE", "DEFAULT_CACHE_DIR",
-    "default_data_config", "load", "download", "read_citeulike", "read_delimited",
+    "default_data_config", "data_config", "OPTIONAL_KEYS", "load", "prepare", "read_records",
+    "download", "read_citeulike", "read_delimited", "read_recbole", "read_json_lines",
     "read_splits", "dedupe", "filter_min", "reindex", "leave_one_out", "ratio_split",
-    "readers", "preprocess",
+    "readers", "preprocess", "presets",
 ]
 
-FORMATS = ("citeulike", "delimited", "splits")
+FORMATS = ("citeulike", "delimited", "splits", "recbole", "jsonl")
 SPLITS = ("loo", "ratio")
 
 
@@ -29,7 +31,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   """Data settings; the defaults load the shipped CiteULike-t with leave-one-out by file order."""
   return ml_collections.ConfigDict(dict(
       name="",                      # '' = derived from the file
-      format="citeulike",           # 'citeulike' | 'delimited' | 'splits'
+      format="citeulike",           # 'citeulike' | 'delimited' | 'splits' | 'recbole' | 'jsonl'
       path="",                      # '' = the shipped CiteULike-t (format 'citeulike')
       url="",                       # http(s) URL downloaded into cache_dir (needs sha256)
       sha256="",
@@ -37,7 +39,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       sep="",                       # delimited: '' = whitespace, or ',', '\t', '::', ...
       columns="user,item",          # delimited: user,item,rating,timestamp or '_' to skip
       header=False,
-      min_rating=None,              # delimited: drop records rated below this
+      min_rating=None,              # delimited, recbole, jsonl: drop records rated below this
       min_user_interactions=5,
       min_item_interactions=0,
       kcore=False,                  # repeat the min filters until a fixed point
@@ -56,7 +58,29 @@ def default_data_config() -> ml_collections.ConfigDict:
   ))
 
 
-_DEFAULTS = default_data_config().to_dict()
+# Keys that `load` reads when present (absent = these values). `default_data_config` leaves them
+# out so that configs and the config records of existing workdirs stay as they were; the presets
+# (`kdrec_jax.data.presets`) and `data_config` include them, so they can be overridden there.
+OPTIONAL_KEYS = dict(
+    timestamp_format="",          # '' = seconds | 'iso' | a strptime format ('%a %b %d ...')
+    json_fields="user=user_id,item=item_id",  # jsonl: role=key, roles user,item,rating,timestamp
+    repeats="first",              # repeated (user, item) records: keep the 'first' or 'last'
+    count_repeats=False,          # min_*_interactions count every record, repeats included
+)
+
+
+def data_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """`default_data_config()` plus the `OPTIONAL_KEYS`, then `overrides` (known keys only)."""
+  cfg = default_data_config()
+  cfg.update(OPTIONAL_KEYS)
+  unknown = sorted(set(overrides) - set(cfg.keys()))
+  if unknown:
+    raise ValueError(f"unknown data config keys {unknown}; known: {sorted(cfg.keys())}")
+  cfg.update(overrides)
+  return cfg
+
+
+_DEFAULTS = {**default_data_config().to_dict(), **OPTIONAL_KEYS}
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -81,17 +105,70 @@ def _default_name(path: str) -> str:
   if os.path.abspath(path) == os.path.abspath(SHIPPED_CITEULIKE):
     return "citeulike-t"
   base = os.path.basename(path)
-  for ext in (".gz", ".dat", ".csv", ".tsv", ".txt", ".inter"):
+  for ext in (".gz", ".dat", ".csv", ".tsv", ".txt", ".inter", ".json", ".jsonl"):
     if base.endswith(ext) and len(base) > len(ext):
       base = base[:-len(ext)]
   return base
 
 
+def _sep(sep: str) -> Optional[str]:
+  """The separator as given, with the two characters '\\t' read as a tab (for shell flags)."""
+  return None if not sep else ("\t" if sep == "\\t" else sep)
+
+
+def read_records(cfg: Any) -> Records:
+  """The raw records of the file `cfg` describes (formats 'citeulike', 'delimited', 'recbole' and
+  'jsonl'), before any filtering; DataError if none survive `min_rating`."""
+  fmt = _get(cfg, "format")
+  if fmt not in FORMATS or fmt == "splits":
+    raise ValueError(f"read_records: data format {fmt!r} has no raw records; expected one of "
+                     f"{tuple(f for f in FORMATS if f != 'splits')}")
+  path = _source_path(cfg)
+  if fmt == "citeulike":
+    return read_citeulike(path)
+  min_rating = _get(cfg, "min_rating")
+  stamps = _get(cfg, "timestamp_format") or ""
+  if fmt == "delimited":
+    records = read_delimited(path, sep=_sep(_get(cfg, "sep")), columns=_get(cfg, "columns"),
+                             header=bool(_get(cfg, "header")), min_rating=min_rating,
+                             timestamp_format=stamps)
+  elif fmt == "recbole":
+    records = read_recbole(path, min_rating=min_rating, timestamp_format=stamps)
+  else:
+    records = read_json_lines(path, fields=_get(cfg, "json_fields"), min_rating=min_rating,
+                              timestamp_format=stamps)
+  if not len(records):
+    raise DataError(f"{path}: no interactions left after filtering (min_rating={min_rating})")
+  return records
+
+
+def prepare(cfg: Any) -> Records:
+  """The records that `load` splits: read, repeats merged, filtered and renumbered from 0.
+
+  `user_labels` / `item_labels` of the result map the ids of `load`'s Interactions back to the
+  file's ids. With `count_repeats`, the minimum counts are taken before repeats are merged.
+  """
+  repeats = _get(cfg, "repeats")
+  if repeats not in preprocess.DEDUPE_KEEPS:
+    raise ValueError(f"unknown data.repeats {repeats!r}; expected one of "
+                     f"{preprocess.DEDUPE_KEEPS}")
+  records = read_records(cfg)
+  mins = (int(_get(cfg, "min_user_interactions") or 0),
+          int(_get(cfg, "min_item_interactions") or 0), bool(_get(cfg, "kcore")))
+  if bool(_get(cfg, "count_repeats")):
+    records = dedupe(filter_min(records, *mins), keep=repeats)
+  else:
+    records = filter_min(dedupe(records, keep=repeats), *mins)
+  return reindex(records)
+
+
 def load(cfg: Any) -> Interactions:
   """Reads, cleans and splits the dataset that `cfg` (see `default_data_config`) describes.
 
-  Pipeline: read -> dedupe -> filter_min -> reindex -> leave_one_out | ratio_split; format
-  'splits' reads a ready-made split as is. Bad input raises DataError naming the file.
+  Pipeline: read -> dedupe -> filter_min -> reindex -> leave_one_out | ratio_split (with
+  `count_repeats`, filter_min comes before dedupe, so the minimum counts include repeated
+  records); format 'splits' reads a ready-made split as is. Bad input raises DataError naming
+  the file.
   """
   fmt = _get(cfg, "format")
   if fmt not in FORMATS:
@@ -106,22 +183,8 @@ def load(cfg: Any) -> Interactions:
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
-  path = _source_path(cfg)
-  min_rating = None
-  if fmt == "citeulike":
-    records = read_citeulike(path)
-  else:
-    columns = _get(cfg, "columns")
-    min_rating = _get(cfg, "min_rating")
-    records = read_delimited(path, sep=_get(cfg, "sep") or None, columns=columns,
-                             header=bool(_get(cfg, "header")), min_rating=min_rating)
-    if not len(records):
-      raise DataError(f"{path}: no interactions left after filtering (min_rating={min_rating})")
-  records = dedupe(records)
-  records = filter_min(records, int(_get(cfg, "min_user_interactions") or 0),
-                       int(_get(cfg, "min_item_interactions") or 0), bool(_get(cfg, "kcore")))
-  records = reindex(records)
-  name = name or _default_name(path)
+  records = prepare(cfg)
+  name = name or _default_name(records.source)
   seed = int(_get(cfg, "seed"))
   if split == "loo":
     return leave_one_out(records, order=_get(cfg, "loo_order"), seed=seed, name=name)
@@ -132,3 +195,6 @@ def load(cfg: Any) -> Interactions:
   if float(_get(cfg, "heldout_test_users") or 0):
     inter = preprocess.heldout_by_user(inter, float(_get(cfg, "heldout_test_users")), seed)
   return inter
+
+
+from kdrec_jax.data import presets  # noqa: E402  (presets build on data_config above)

@@ -17,13 +17,18 @@ from kdrec_jax.data.readers import Records
 LOO_ORDERS = ("file", "timestamp", "random")
 RATIO_ORDERS = ("random", "timestamp", "file")
 RATIO_ROUNDINGS = ("round", "ceil", "floor")
+DEDUPE_KEEPS = ("first", "last")
 
 
-def dedupe(records: Records) -> Records:
-  """Keeps one record per (user, item): the earliest timestamp if any, else the first in file.
+def dedupe(records: Records, keep: str = "first") -> Records:
+  """Keeps one record per (user, item): with keep='first' the earliest by timestamp if any, else
+  the first in the file; with keep='last' the latest (e.g. a venue's last check-in, so that a
+  leave-one-out by time holds out the venue of each user's last check-in).
 
-  Timestamp ties go to the record earlier in the file. Surviving records keep their order.
+  Timestamp ties go by file order. Surviving records keep their order.
   """
+  if keep not in DEDUPE_KEEPS:
+    raise ValueError(f"unknown dedupe keep {keep!r}; expected one of {DEDUPE_KEEPS}")
   if not len(records):
     return records
   keys = [records.order]
@@ -31,11 +36,15 @@ def dedupe(records: Records) -> Records:
     keys.append(records.timestamps)
   perm = np.lexsort(keys + [records.items, records.users])
   u, i = records.users[perm], records.items[perm]
-  first = np.ones(len(perm), bool)
-  first[1:] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
-  if first.all():
+  change = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+  pick = np.ones(len(perm), bool)
+  if keep == "first":
+    pick[1:] = change
+  else:
+    pick[:-1] = change
+  if pick.all():
     return records
-  return records.take(np.sort(perm[first]))
+  return records.take(np.sort(perm[pick]))
 
 
 def filter_min(records: Records, min_user: int = 0, min_item: int = 0,

@@ -1,0 +1,63 @@
+"""Command-line parsing for the absl launchers: config-file and override mistakes end in one line
+that names the key or argument and what is valid, not in a traceback."""
+import difflib
+import importlib.util
+import sys
+
+from absl import flags
+
+
+def _load_config(spec: str):
+  """`get_config(arg)` of the config file named by `--config=path[:arg]`, without overrides."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_launcher_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _explain_override(argv, error: Exception) -> str:
+  """Which `--config.a.b=...` override names no config key, and the closest valid keys."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv:
+    spec = argv[argv.index("--config") + 1]
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  try:
+    config = _load_config(spec)
+  except Exception:  # noqa: BLE001 - the file's own error is reported elsewhere
+    return f"bad config override ({error})"
+  for name in overrides:
+    node, parts = config, name.split(".")
+    for i, part in enumerate(parts):
+      if hasattr(node, "keys") and part in node:
+        node = node[part]
+        continue
+      here = ".".join(parts[:i]) or "the config"
+      valid = sorted(node.keys()) if hasattr(node, "keys") else []
+      close = difflib.get_close_matches(part, valid, n=3)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      return (f"unknown config key --config.{name}: {here} has no {part!r}{hint} (valid: "
+              f"{', '.join(valid)})")
+  return f"bad config override ({error})"
+
+
+def parse_flags(argv):
+  """`flags_parser` for `absl.app.run`: absl's parsing, with one-line errors."""
+  try:
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config is not None:
+      config.keys()  # a config file that failed to load only raises when first read
+    return rest
+  except OSError as e:
+    sys.exit(f"error: cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")
+  except flags.Error as e:  # includes errors raised by the config file's get_config
+    message = str(e).strip()
+    if "Traceback" in message:  # ml_collections embeds the config file's traceback: keep its
+      message = message.splitlines()[-1]  # last line, the error itself
+    sys.exit(f"error: {message}")
+  except (AttributeError, KeyError) as e:  # a --config.x override that names no key
+    sys.exit(f"error: {_explain_override(argv, e)}")
+  except (ValueError, TypeError) as e:  # an override value of the wrong type
+    sys.exit(f"error: bad config override: {e}")
+

@@ -1,0 +1,103 @@
+"""Workdir safety: a resume with another config is refused naming the keys (steering keys are
+exempt; force_resume overrides and is recorded), a second run on a busy workdir is refused, an
+unreadable latest checkpoint is reported and the previous one used, and command-line mistakes end
+in one line naming the key or argument."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, quick_config
+from kdrec_jax import train
+from kdrec_jax.checkpoint import PhaseCheckpoints
+
+
+def _cfg(citeulike_file, **kw):
+  settings = dict(num_devices=1, warmup__epochs=2, distill__epochs=3, control=False)
+  settings.update(kw)
+  return quick_config(citeulike_file, **settings)
+
+
+def _stopped_run(citeulike_file, workdir, epochs=3):
+  """A run stopped (checkpointed) after `epochs` epochs in all: mid-distillation."""
+  return train.train_and_evaluate(_cfg(citeulike_file, max_epochs_per_run=epochs), workdir)
+
+
+def test_resume_with_another_config_is_refused(citeulike_file, tmp_path):
+  workdir = str(tmp_path / "run")
+  _stopped_run(citeulike_file, workdir)
+  with pytest.raises(train.WorkdirError,
+                     match=r"method\.lambda_st: 0\.5 -> 0\.1; method\.tau: 5\.0 -> 2\.0"):
+    train.train_and_evaluate(_cfg(citeulike_file, method__tau=2.0, method__lambda_st=0.1),
+                             workdir)
+  with pytest.raises(train.WorkdirError, match="student.dim"):
+    train.train_and_evaluate(_cfg(citeulike_file, student__dim=7), workdir)
+  # Steering keys may change; the run resumes and finishes.
+  results = train.train_and_evaluate(_cfg(citeulike_file, log_every=2, checkpoint_keep=3),
+                                     workdir)
+  assert set(results["phases"]) == {"warmup", "distill"}
+
+
+def test_force_resume_is_recorded(citeulike_file, tmp_path):
+  workdir = str(tmp_path / "run")
+  _stopped_run(citeulike_file, workdir)
+  results = train.train_and_evaluate(_cfg(citeulike_file, method__tau=2.0, force_resume=True),
+                                     workdir)
+  assert results["forced_resumes"] == [["method.tau: 5.0 -> 2.0"]]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["config"]["method.tau"] == 2.0
+
+
+def test_busy_workdir_is_refused(citeulike_file, tmp_path):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  with train._WorkdirLock(workdir):
+    with pytest.raises(train.WorkdirError, match=f"in use by a running run \\(pid {os.getpid()}"):
+      train.train_and_evaluate(_cfg(citeulike_file), workdir)
+  # Released: the run goes ahead.
+  assert "warmup" in _stopped_run(citeulike_file, workdir, epochs=2)["phases"]
+
+
+def test_unreadable_latest_checkpoint_falls_back(citeulike_file, tmp_path):
+  full = train.train_and_evaluate(_cfg(citeulike_file), str(tmp_path / "full"))
+  workdir = str(tmp_path / "run")
+  _stopped_run(citeulike_file, workdir, epochs=4)  # warm-up 2 + distill 2: distill ckpts 1, 2
+  ckpt_dir = os.path.join(workdir, "checkpoints", "distill")
+  assert sorted(os.listdir(ckpt_dir)) == ["1", "2"]
+  for root, _, files in os.walk(os.path.join(ckpt_dir, "2")):
+    for name in files:  # truncate every file of the latest checkpoint
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
+  resumed = train.train_and_evaluate(_cfg(citeulike_file), workdir)
+  assert os.path.isdir(os.path.join(ckpt_dir, "2.unreadable"))
+  # Resumed from epoch 1 and retrained epoch 2 onwards: the uninterrupted run's numbers.
+  for m in train.MODELS:
+    assert resumed["phases"]["distill"][m]["test"] == full["phases"]["distill"][m]["test"]
+  assert PhaseCheckpoints(os.path.join(workdir, "checkpoints"), "distill").latest_epoch() == 3
+
+
+def _launch(*args):
+  cmd = [sys.executable, "-m", "launch.train", *args]
+  return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--config", "configs/bd_bpr_citeulike.py:quick", "--config.method.tua=3"),
+     "unknown config key --config.method.tua: method has no 'tua'; did you mean tau?"),
+    (("--config", "configs/bd_bpr_citeulike.py:fast"),
+     "unknown config arg 'fast'; expected '' or 'quick'"),
+    (("--config", "configs/nope.py"), "cannot load the config file"),
+    (("--config", "configs/bd_bpr_citeulike.py:quick", "--config.method.tau=abc"),
+     "flag --config.method.tau=abc: could not convert string to float: 'abc'"),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, args, message):
+  proc = _launch(*args, "--workdir", str(tmp_path / "run"))
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "run")
