@@ -358,6 +358,28 @@ class Experiment:
                                       bias=bias)
                 for s in splits} for m in models}
 
+  def student_beats_teacher(self, state, num_bins: int = 4) -> dict:
+    """BD's motivating observation, measured: the share of test users whose held-out item the
+    student ranks strictly above the teacher does (best held-out rank, i.e. per-user MRR), over
+    all users and by user activity (`num_bins` quantile bins of training interactions)."""
+    ev = self.evaluators["test"]
+    key = jax.random.fold_in(self.key, 7)
+    mrr = {m: ev.per_user(self.models[m].score_all, state[m]["params"], key)["MRR"]
+           for m in MODELS}
+    better = mrr["student"] > mrr["teacher"]
+    activity = np.diff(self.data.split("train")[0])[ev.users]
+    edges = np.unique(np.quantile(activity, np.linspace(0, 1, num_bins + 1)).round())
+    bins = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+      last = i == len(edges) - 2
+      sel = (activity >= lo) & ((activity <= hi) if last else (activity < hi))
+      if sel.any():
+        bins.append({"range": [int(lo), int(hi)], "share": float(better[sel].mean()),
+                     "users": int(sel.sum())})
+    return {"overall": float(better.mean()), "ties": float((mrr["student"] == mrr["teacher"]
+                                                              ).mean()),
+            "users": int(len(better)), "by_activity": bins}
+
   def group_summary(self) -> dict | None:
     """The popularity groups of the bias metrics: counts of items and training interactions."""
     if self.item_groups is None:
@@ -559,6 +581,28 @@ def data_hash(data) -> str:
   return h.hexdigest()
 
 
+def provenance(exp) -> dict:
+  """What produced a result: library, JAX and Python versions, the devices, the data's content
+  hash and the source revision when it is a git checkout."""
+  import importlib.metadata
+  import platform
+  import subprocess
+  try:
+    version = importlib.metadata.version("kdrec_jax")
+  except importlib.metadata.PackageNotFoundError:
+    version = "source"
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__),
+                            capture_output=True, text=True, timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  devices = exp.mesh.devices.flatten().tolist()
+  return {"kdrec_jax": version, "git_commit": commit, "jax": jax.__version__,
+          "python": platform.python_version(), "backend": jax.default_backend(),
+          "devices": [d.device_kind for d in devices], "host": platform.node(),
+          "data_sha256": data_hash(exp.data)}
+
+
 def check_config(workdir: str, config, data) -> list[str]:
   """Records the config (less the steering keys) and the data's hash in `<workdir>/config.json`
   on a fresh workdir; on a resume, refuses (WorkdirError, naming the differing keys) a different
@@ -644,14 +688,16 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   forced = check_config(workdir, config, exp.data)
   writer = MetricWriter(workdir)
   results_path = os.path.join(workdir, "results.json")
-  results = {"dataset": repr(exp.data), "config": config.to_dict(), "phases": {}}
+  t_call = time.time()
+  results = {"dataset": repr(exp.data), "config": config.to_dict(), "phases": {},
+             "provenance": provenance(exp)}
   if exp.item_groups is not None:
     results["popularity_groups"] = exp.group_summary()
   if os.path.exists(results_path):
     with open(results_path) as f:
       old = json.load(f)
     results["phases"] = old.get("phases", {})
-    for key in ("teacher", "forced_resumes"):
+    for key in ("teacher", "forced_resumes", "wall_seconds"):
       if key in old:
         results[key] = old[key]
   if forced:
@@ -693,11 +739,15 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     evaluated = tuple(m for m in MODELS if m in phase.train or m in starts)
     finished = _run_phase(exp, phase, pcfg, opts, state, ckpt, writer, budget,
                           jax.random.fold_in(exp.key, phase_index), evaluated)
+    if finished:
+      results["phases"][phase.name] = finished
+    # Wall time of all calls so far (compilation, training, evaluation, checkpoints).
+    results["wall_seconds"] = results.get("wall_seconds", 0.0) + time.time() - t_call
+    t_call = time.time()
+    _write_json_atomic(results_path, results)
     if not finished:
       logging.info("Stopped after max_epochs_per_run; rerun the command to resume.")
       break
-    results["phases"][phase.name] = finished
-    _write_json_atomic(results_path, results)
   return results
 
 
@@ -821,6 +871,8 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
     extra.update(best_epoch=int(best["epoch"]), stopped_early=early.stopped(best),
                  stop_metric=f"{early.model} val {early.metric}")
   evals = exp.evaluate(state, models=evaluated, bias=True)
+  if set(MODELS) <= set(evaluated):
+    evals["student_beats_teacher"] = exp.student_beats_teacher(state)
   evals.update(extra, seconds=time.time() - t_phase)
   writer.write(phase=phase.name, epoch=epoch, final=True, eval=evals)
   logging.info("[%s] done after %d epochs%s: test %s", phase.name, epoch,

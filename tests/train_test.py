@@ -412,3 +412,28 @@ def test_warmup_from_reuses_both_warmed_up_models(uninterrupted_run, citeulike_f
     train.train_and_evaluate(_resume_config(citeulike_file, warmup_from=workdir_a,
                                             warmup__epochs=3), str(tmp_path / "run_f"))
   assert not os.path.exists(tmp_path / "run_f" / "results.json")
+
+
+def test_results_record_provenance_and_student_vs_teacher(uninterrupted_run):
+  """results.json says what produced it, the wall time, and BD's motivating observation."""
+  cfg, workdir, results = uninterrupted_run
+  prov = results["provenance"]
+  assert prov["jax"] == jax.__version__ and prov["backend"] == "cpu"
+  assert len(prov["data_sha256"]) == 64 and prov["devices"] == ["cpu"]
+  assert results["wall_seconds"] > 0
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["provenance"] == json.loads(json.dumps(prov))
+  exp = train.Experiment(cfg)
+  for phase in ("distill", "control"):
+    beats = results["phases"][phase]["student_beats_teacher"]
+    assert 0 <= beats["overall"] <= 1 and 0 <= beats["ties"] <= 1
+    assert beats["users"] == exp.evaluators["test"].num_users
+    assert sum(b["users"] for b in beats["by_activity"]) == beats["users"]
+    overall = sum(b["share"] * b["users"] for b in beats["by_activity"]) / beats["users"]
+    assert overall == pytest.approx(beats["overall"])
+  # The share from the restored final params, by hand (MRR per user: 1 / best held-out rank).
+  state = _restore_distill(cfg, workdir)
+  mrr = {m: exp.evaluators["test"].per_user(exp.models[m].score_all, state[m]["params"])["MRR"]
+         for m in MODELS}
+  assert results["phases"]["distill"]["student_beats_teacher"]["overall"] == pytest.approx(
+      float(np.mean(mrr["student"] > mrr["teacher"])))
