@@ -269,6 +269,56 @@ def _write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rest = divmod(seconds, 3600)
+  return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress:
+  """A live progress line for a phase: rewritten in place on a terminal, an updating line in a
+  notebook, nothing when stderr is piped to a file (the log lines say it all there)."""
+
+  def __init__(self, phase: str, total: int, start: int):
+    import sys
+    self.phase, self.total, self.start, self.t0 = phase, total, start, time.time()
+    self.text, self.handle, self.stream = "", None, sys.stderr
+    self.mode = "tty" if getattr(sys.stderr, "isatty", lambda: False)() else None
+    if self.mode is None and "ipykernel" in sys.modules:
+      try:
+        from IPython import display
+        self.handle, self.mode = display.display(display.Pretty(""), display_id=True), "notebook"
+      except Exception:  # noqa: BLE001 - no display: no progress line
+        self.mode = None
+
+  def eta(self, epoch: int) -> float:
+    done = epoch - self.start
+    return (time.time() - self.t0) / done * (self.total - epoch) if done > 0 else float("nan")
+
+  def update(self, epoch: int, text: str | None = None) -> None:
+    if text is not None:
+      self.text = text
+    if self.mode is None:
+      return
+    frac = epoch / max(self.total, 1)
+    bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+    eta = self.eta(epoch)
+    line = (f"[{self.phase}] {bar} {epoch}/{self.total} epochs  {self.text}"
+            + (f"  {_duration(eta)} left" if np.isfinite(eta) else ""))
+    if self.mode == "tty":
+      self.stream.write("\r" + line + "\x1b[K")
+      self.stream.flush()
+    else:
+      from IPython import display
+      self.handle.update(display.Pretty(line))
+
+  def clear(self) -> None:
+    """Before a log line: the terminal's progress line is erased (it is redrawn after)."""
+    if self.mode == "tty":
+      self.stream.write("\r\x1b[K")
+      self.stream.flush()
+
+
 def params_hash(tree) -> str:
   """sha256 of a params pytree's leaves (dtype, shape and bytes, in tree order)."""
   h = hashlib.sha256()
@@ -825,8 +875,10 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
   run_epoch, _ = make_epoch(step_fn, exp.mesh, exp.num_examples, config.batch_size)
   t_phase = t_log = time.time()
   logged_epoch = epoch
+  progress = Progress(phase.name, pcfg.epochs, epoch)
   while epoch < pcfg.epochs and not early.stopped(best):
     if budget[0] is not None and budget[0] <= 0:
+      progress.clear()
       ckpt.save(epoch, _saved(state, phase, best))
       return None
     if uses_refresh and refresh_due(epoch):
@@ -848,10 +900,15 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
         raise FloatingPointError(f"[{phase.name}] epoch {epoch}: non-finite loss {losses}")
       writer.write(phase=phase.name, epoch=epoch, seconds_per_epoch=dt, examples_per_s=n / dt,
                    **losses)
-      logging.info("[%s] epoch %d/%d  loss %s  %.2f s/epoch  %.0f ex/s", phase.name, epoch,
-                   pcfg.epochs, " ".join(f"{x[0].upper()} {losses[f'loss_{x}']:.4f}"
-                                         for x in phase.train if f"loss_{x}" in losses),
-                   dt, n / dt)
+      loss_text = " ".join(f"{x[0].upper()} {losses[f'loss_{x}']:.4f}" for x in phase.train
+                           if f"loss_{x}" in losses)
+      progress.clear()
+      logging.info("[%s] epoch %d/%d  loss %s  %.2f s/epoch  %.0f ex/s  ~%s left", phase.name,
+                   epoch, pcfg.epochs, loss_text, dt, n / dt,
+                   _duration(dt * (pcfg.epochs - epoch)))
+      progress.update(epoch, f"loss {loss_text}  {n / dt:.0f} ex/s")
+    else:
+      progress.update(epoch)
     if config.eval_every and epoch % config.eval_every == 0 and (epoch < pcfg.epochs
                                                                  or early.on):
       val = exp.evaluate(state, splits=("val",), models=tuple(m for m in MODELS
@@ -859,10 +916,13 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
       if early.on:
         best = early.update(best, val, state, phase, epoch)
       writer.write(phase=phase.name, epoch=epoch, eval=val)
+      progress.clear()
       logging.info("[%s] epoch %d val %s", phase.name, epoch, _summary(val, "val"))
+      progress.update(epoch)
     if (epoch % config.checkpoint_every == 0 or epoch == pcfg.epochs
         or early.stopped(best)):
       ckpt.save(epoch, _saved(state, phase, best))
+  progress.clear()
   if pcfg.epochs == 0:
     ckpt.save(0, _saved(state, phase, best))
   extra = {"epochs": epoch}

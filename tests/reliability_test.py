@@ -101,3 +101,35 @@ def test_command_line_mistakes_are_one_line(tmp_path, args, message):
   assert message in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "run")
+
+
+class _Terminal:
+  def __init__(self):
+    self.text = ""
+
+  def isatty(self):
+    return True
+
+  def write(self, s):
+    self.text += s
+
+  def flush(self):
+    pass
+
+
+def test_progress_line_on_a_terminal_only(monkeypatch):
+  term = _Terminal()
+  monkeypatch.setattr("sys.stderr", term)
+  progress = train.Progress("distill", total=10, start=0)
+  progress.update(4, "loss S 0.5")
+  assert term.text.startswith("\r[distill] ") and "4/10 epochs  loss S 0.5" in term.text
+  assert "left" in term.text and "\n" not in term.text
+  progress.clear()
+  assert term.text.endswith("\r\x1b[K")
+  piped = _Terminal()
+  piped.isatty = lambda: False
+  monkeypatch.setattr("sys.stderr", piped)
+  quiet = train.Progress("distill", total=10, start=0)
+  quiet.update(3, "loss S 0.4")
+  quiet.clear()
+  assert piped.text == ""  # logs piped to a file stay clean
