@@ -33,6 +33,8 @@ import os
 import re
 import statistics
 import sys
+
+import numpy as np
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 if TYPE_CHECKING:  # matplotlib is imported on first use
@@ -763,10 +765,10 @@ def refresh_statistics(run: RunLike, phase: Optional[str] = None,
   sampled in the previous round, how many of them were corrected (discrepancy <= delta),
   re-selected and up-weighted, and the mean rank discrepancy of the sampled items.
 
-  The runs record these per-user means only, not the discrepancies of the individual sampled
-  items, so a histogram of them cannot be drawn from a workdir; this figure shows what is
-  recorded (the counts per round, as the iBD paper's figures do), and says so in its title.
-  Rounds before the feedback starts (the shallow stage) are shaded."""
+  When the refresh lines carry 'd_hist' (the counts of the sampled items' discrepancies in the
+  bins of 'd_hist_edges'), a fourth panel shows that histogram at the last refresh,
+  per direction, as a share of the sampled items. Rounds before the feedback starts (the shallow
+  stage) are shaded."""
   run = _runs(run)[0]
   lines = run.refreshes(phase)
   if not lines:
@@ -775,7 +777,9 @@ def refresh_statistics(run: RunLike, phase: Optional[str] = None,
   if not lines:
     raise ValueError(f"{run.name}: only round 0 in the 'refresh' lines (no previous round yet)")
   rounds = [int(r["refresh"].get("round", i + 1)) for i, r in enumerate(lines)]
-  fig, axes = _figure(3, width=4.8, height=4.0)
+  hist = {d: lines[-1]["refresh"].get(d, {}).get("d_hist") for d in DIRECTIONS}
+  hist = {d: h for d, h in hist.items() if h}
+  fig, axes = _figure(4 if hist else 3, width=4.8, height=4.0)
   shallow = [x for x, r in zip(rounds, lines) if not r["refresh"].get("feedback", 1)]
   for ax in axes:
     if shallow:
@@ -793,6 +797,8 @@ def refresh_statistics(run: RunLike, phase: Optional[str] = None,
     ax.set_ylabel("items per user (mean over users)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  if hist:
+    _discrepancy_histogram(axes[3], hist, lines[-1]["refresh"]["d_hist_edges"], rounds[-1])
   ax = axes[2]
   for direction in DIRECTIONS:
     for key, style in (("mean_d", "o-"), ("mean_d_prev", "s--")):
@@ -811,9 +817,30 @@ def refresh_statistics(run: RunLike, phase: Optional[str] = None,
   ax.set_ylabel("learner's rank − guide's rank (positions)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.suptitle(f"{run.name}: iBD refresh statistics per round\n(per-user means as recorded; "
-               "the run keeps no per-item discrepancies, so no histogram)", fontsize=11)
+  fig.suptitle(f"{run.name}: iBD refresh statistics per round", fontsize=11)
   return _finish(fig, out)
+
+
+def _discrepancy_histogram(ax, hist: dict, edges, round_: int) -> None:
+  """Bars of the sampled items' discrepancy histogram (shares per bin), one colour a direction;
+  `edges`: the inner bin edges (the outer bins are open)."""
+  edges = ("-inf", *[int(e) for e in edges], "inf")
+  labels = [f"[{lo}, {hi})" for lo, hi in zip(edges[:-1], edges[1:])]
+  x = np.arange(len(labels))
+  width = 0.8 / max(len(hist), 1)
+  for i, (direction, counts) in enumerate(hist.items()):
+    counts = np.asarray(counts, np.float64)
+    share = counts / counts.sum() if counts.sum() else counts
+    ax.bar(x + (i - (len(hist) - 1) / 2) * width, share, width, color=COLORS[direction],
+           label=_ARROWS[direction])
+  ax.set_xticks(x)
+  ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+  ax.set_title(f"discrepancy of the items sampled in round {round_ - 1}, at round {round_}",
+               fontsize=9)
+  ax.set_xlabel("learner's rank − guide's rank (positions)")
+  ax.set_ylabel("share of the sampled items")
+  ax.grid(alpha=0.3, axis="y")
+  ax.legend(fontsize=8)
 
 
 def beats_records(run: Run) -> dict:

@@ -285,9 +285,11 @@ class Progress:
     self.text, self.handle, self.stream = "", None, sys.stderr
     self.mode = "tty" if getattr(sys.stderr, "isatty", lambda: False)() else None
     if self.mode is None and "ipykernel" in sys.modules:
-      try:
-        from IPython import display
-        self.handle, self.mode = display.display(display.Pretty(""), display_id=True), "notebook"
+      try:  # only inside a running kernel (ipykernel may merely be imported)
+        from IPython import display, get_ipython
+        if getattr(get_ipython(), "kernel", None) is not None:
+          self.handle = display.display(display.Pretty(""), display_id=True)
+          self.mode = "notebook" if self.handle is not None else None
       except Exception:  # noqa: BLE001 - no display: no progress line
         self.mode = None
 

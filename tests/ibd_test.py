@@ -183,9 +183,15 @@ class IBDChexTest(chex.TestCase):
     want = {"sampled": [5, 0], "corrected": [2, 0], "reselected": [2, 0], "boosted": [0, 0],
             "d_sum": [5 + 0 - 3 + 4, 0], "d_count": [4, 0],
             "d_prev_sum": [6 + 1 - 2 + 5, 0], "d_prev_count": [4, 0]}
-    assert set(per_user) == set(want)
+    assert set(per_user) == set(want) | {"d_hist"}
     for k, v in want.items():
       np.testing.assert_allclose(np.asarray(per_user[k]), v, err_msg=k)
+    # The histogram of user 0's recorded discrepancies 5, 0, -3, 4: bins [0, 10) x3, [-10, 0) x1.
+    hist = np.zeros((2, len(ibd.HIST_EDGES) + 1))
+    zero_bin = ibd.HIST_EDGES.index(0) + 1  # the bin [0, 10)
+    hist[0, zero_bin], hist[0, zero_bin - 1] = 3, 1
+    np.testing.assert_array_equal(np.asarray(per_user["d_hist"]), hist)
+    np.testing.assert_array_equal(np.asarray(total["d_hist"]), hist.sum(0))
     np.testing.assert_allclose(
         [float(total[k]) for k in ("sampled", "corrected", "reselected", "boosted", "mean_d",
                                    "mean_d_prev")],
@@ -451,7 +457,7 @@ def test_beta_zero_is_bd_bit_for_bit(citeulike_file, cdae):
   assert float(st_i[1]["feedback"]) == 1.0 and float(st_i[0]["feedback"]) == 0.0
   for name in DIRS:
     assert float(st_i[0][name]["sampled"]) == 0.0
-    now = {k: float(v) for k, v in st_i[1][name].items()}
+    now = {k: float(v) for k, v in st_i[1][name].items() if k != "d_hist"}
     assert now["sampled"] > 0 and now["boosted"] > 0
     assert now["corrected"] + now["reselected"] <= now["sampled"] + 1e-6
 
@@ -566,5 +572,7 @@ def test_resumed_mid_round_is_bit_identical(citeulike_file, tmp_path):
   r1 = lines_a[1]["refresh"]
   assert r1["feedback"] == 1.0 and r1["round"] == 1
   assert set(r1["student"]) == {"sampled", "corrected", "reselected", "boosted", "mean_d",
-                                "mean_d_prev"}
+                                "mean_d_prev", "d_hist"}
+  assert len(r1["student"]["d_hist"]) == len(lines_a[1]["refresh"]["d_hist_edges"]) + 1
+  assert sum(r1["student"]["d_hist"]) > 0  # counts of the recorded items, all bins
   assert r1["student"]["sampled"] > 0 and lines_a[0]["refresh"]["student"]["mean_d"] is None

@@ -153,9 +153,13 @@ def test_refresh_statistics(tmp_path):
   fig = plots.refresh_statistics(IBD, out=out)
   check_png(out)
   check_labels(fig)
-  assert "no histogram" in fig.get_suptitle()
-  student, teacher, discrepancy = fig.axes
+  assert "refresh statistics" in fig.get_suptitle()
+  student, teacher, discrepancy, histogram = fig.axes
   assert "teacher → student" in student.get_title()
+  assert histogram.get_ylabel() == "share of the sampled items"
+  assert len(histogram.patches) == 2 * 16  # 16 bins, both directions
+  heights = [p.get_height() for p in histogram.patches]
+  assert sum(heights) == pytest.approx(2.0, abs=1e-6)  # shares sum to 1 per direction
   assert {"sampled last round", "corrected (d <= delta)", "up-weighted"} <= set(
       legend_texts(student))
   rounds = student.get_lines()[0].get_xdata()

@@ -133,3 +133,8 @@ def test_progress_line_on_a_terminal_only(monkeypatch):
   quiet.update(3, "loss S 0.4")
   quiet.clear()
   assert piped.text == ""  # logs piped to a file stay clean
+  # ipykernel imported (e.g. by a notebook runner) but no kernel running: still quiet, no error
+  import ipykernel  # noqa: F401
+  outside = train.Progress("distill", total=10, start=0)
+  assert outside.mode is None
+  outside.update(2, "loss S 0.3")

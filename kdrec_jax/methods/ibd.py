@@ -43,7 +43,8 @@ and per direction ('student': T->S, 'teacher': S->T), means over all users u of
   corrected   |{i in C^(r-1)(u) : K, d^(r) <= delta}|        (discrepancy fell to <= delta)
   reselected  |F^(r)(u)|                                     (by the rule, in both stages)
   boosted     |G^(r)(u)|                                     (the set actually up-weighted)
-and 'mean_d', the mean of d^(r) over all recorded (u, i) (with 'strict' also 'mean_d_prev', the
+and 'mean_d', the mean of d^(r) over all recorded (u, i), 'd_hist', their counts in the bins of
+`HIST_EDGES` (with 'strict' also 'mean_d_prev', the
 mean of d^(r-1) over them: the discrepancy when they were sampled).
 
 State. The records are packed bitsets in the carry ({'record': {dir: uint32 [U, ceil(I/32)]}}),
@@ -59,6 +60,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdrec_jax import parallel, ranking, sparse
 from kdrec_jax.methods import Method, bd
@@ -171,6 +173,21 @@ def update_history(h: jax.Array, boosted: jax.Array, gamma: float) -> jax.Array:
   return gamma * h + boosted.astype(h.dtype)
 
 
+# Bin edges of the discrepancy histogram of the sampled items (rank positions; signed, roughly
+# logarithmic): bin b holds HIST_EDGES[b] <= d < HIST_EDGES[b + 1], the outer bins open.
+HIST_EDGES = (-10000, -3000, -1000, -300, -100, -30, -10, 0, 10, 30, 100, 300, 1000, 3000,
+              10000)
+
+
+def discrepancy_histogram(d: jax.Array, seen: jax.Array) -> jax.Array:
+  """float32 [C, len(HIST_EDGES) + 1]: per row, counts of d over the `seen` items in the bins
+  (-inf, e_0), [e_0, e_1), ..., [e_last, inf)."""
+  edges = (-np.inf, *HIST_EDGES, np.inf)
+  cols = [jnp.sum(seen & (d >= lo) & (d < hi), axis=-1, dtype=jnp.int32)
+          for lo, hi in zip(edges[:-1], edges[1:])]
+  return jnp.stack(cols, axis=-1).astype(jnp.float32)
+
+
 def round_stats(d: jax.Array, sampled: jax.Array, keep: jax.Array, delta: float,
                 chosen: jax.Array, boosted: jax.Array,
                 prev: Optional[tuple[jax.Array, jax.Array]] = None) -> dict:
@@ -184,7 +201,7 @@ def round_stats(d: jax.Array, sampled: jax.Array, keep: jax.Array, delta: float,
   out = {"sampled": count(sampled), "corrected": count(seen & (d <= delta)),
          "reselected": count(chosen), "boosted": count(boosted),
          "d_sum": jnp.sum(jnp.where(seen, d.astype(f32), 0.0), axis=-1, dtype=f32),
-         "d_count": count(seen)}
+         "d_count": count(seen), "d_hist": discrepancy_histogram(d, seen)}
   if prev is not None:
     d_prev, keep_prev = prev
     seen_prev = sampled & keep_prev
@@ -197,8 +214,9 @@ def round_stats(d: jax.Array, sampled: jax.Array, keep: jax.Array, delta: float,
 def summarize(stats: dict, num_users: int) -> dict:
   """One direction's refresh statistics from per-user `round_stats` [U]: per-user means of the
   counts and the pooled mean discrepancies (NaN when nothing was recorded)."""
-  total = {k: jnp.sum(v, dtype=jnp.float32) for k, v in stats.items()}
+  total = {k: jnp.sum(v, axis=0, dtype=jnp.float32) for k, v in stats.items()}
   out = {k: total[k] / num_users for k in ("sampled", "corrected", "reselected", "boosted")}
+  out["d_hist"] = total["d_hist"]  # counts of the recorded items per bin of HIST_EDGES
   out["mean_d"] = total["d_sum"] / total["d_count"]
   if "d_prev_sum" in total:
     out["mean_d_prev"] = total["d_prev_sum"] / total["d_prev_count"]
@@ -272,7 +290,8 @@ def make(cfg, models, data) -> Method:
     if gamma:
       new["history"] = out["history"]
     r = epoch // every
-    metrics = {"round": r, "feedback": (r >= first).astype(f32)}
+    metrics = {"round": r, "feedback": (r >= first).astype(f32),
+               "d_hist_edges": jnp.asarray(HIST_EDGES, jnp.int32)}
     metrics.update({n: summarize(out["stats"][n], num_users) for n in DIRECTIONS})
     return {"metrics": metrics}, new
 
