@@ -97,6 +97,19 @@ def searchsorted_rows(cdf: jax.Array, rows: jax.Array, values: jax.Array) -> jax
   return jnp.minimum(pos + 1, n - 1)
 
 
+def weights_cdf(weights: jax.Array) -> jax.Array:
+  """Cumulative sums of non-negative `weights` [..., N] along the last axis, built so that a
+  zero-weight item can never be drawn by `sample_from_cdf`.
+
+  XLA's float32 `cumsum` is a parallel prefix sum that is not monotone (at 17k items, tens of
+  decreases per row), so a zero-weight item can get a sliver of probability. Here zero-weight
+  entries are set to 0 and a running maximum restores order: then cdf[j] == cdf[j-1] exactly for
+  every zero-weight j (an empty interval) and the table is non-decreasing.
+  """
+  c = jnp.cumsum(weights, axis=-1)
+  return jax.lax.cummax(jnp.where(weights > 0, c, 0.0), axis=weights.ndim - 1)
+
+
 def sample_from_cdf(keys: jax.Array, cdf: jax.Array, rows: jax.Array, n: int = 1) -> tuple:
   """Draws n items per query with replacement, item j with probability ∝ cdf[r,j] - cdf[r,j-1].
 
@@ -107,8 +120,10 @@ def sample_from_cdf(keys: jax.Array, cdf: jax.Array, rows: jax.Array, n: int = 1
   total = cdf[rows, -1]
   u = jax.vmap(lambda k: jax.random.uniform(k, (n,), cdf.dtype))(keys)
   rows_b = jnp.broadcast_to(rows[:, None], u.shape)
-  # u * total < total, so the search never lands on the trailing zero-weight items.
-  items = searchsorted_rows(cdf, rows_b, u * total[:, None])
+  # value < total strictly (u * total can round up to it), so the first column whose cdf exceeds
+  # the value exists and has positive weight: never a trailing or interior zero-weight item.
+  value = jnp.minimum(u * total[:, None], jnp.nextafter(total, 0)[:, None])
+  items = searchsorted_rows(cdf, rows_b, value)
   valid = total > 0
   return jnp.where(valid[:, None], items, 0), valid
 
@@ -126,19 +141,14 @@ def sample_from_weights(keys: jax.Array, weights: jax.Array, n: int = 1) -> tupl
   return jnp.where(valid[:, None], items, 0).astype(jnp.int32), valid
 
 
-def uniform_negatives(keys: jax.Array, users: jax.Array, positives, num_items: int,
-                      tries: int = 8) -> jax.Array:
+def uniform_negatives(keys: jax.Array, users: jax.Array, positives, num_items: int
+                      ) -> jax.Array:
   """One item per user drawn uniformly from the items not in its row of `positives` (DeviceCSR).
 
-  Rejection sampling with `tries` candidates per user; the first candidate that is not a positive
-  is taken (the last one if all are, which needs a user with nearly every item).
+  Exact for every user (no rejection, so never a positive however many items the user has; see
+  `uniform_unobserved`). A user with every item positive gets item N - 1.
   """
-  from kdrec_jax import sparse  # local import: sparse imports nothing from here
-  cand = jax.vmap(lambda k: jax.random.randint(k, (tries,), 0, num_items, jnp.int32))(keys)
-  bad = sparse.contains(positives, users[:, None], cand)
-  first = jnp.argmin(bad, axis=1)  # first False; 0 if all True
-  first = jnp.where(jnp.all(bad, axis=1), tries - 1, first)
-  return jnp.take_along_axis(cand, first[:, None], axis=1)[:, 0]
+  return uniform_unobserved(keys, users, positives, num_items, 1)[:, 0]
 
 
 def gumbel_top_k(key: jax.Array, log_weights: jax.Array, k: int) -> jax.Array:

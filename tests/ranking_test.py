@@ -212,6 +212,35 @@ def test_sample_from_cdf_frequencies():
   assert_frequencies(items[rows == 1], WEIGHTS[1])
 
 
+def test_weights_cdf_is_monotone_and_gives_zero_weights_no_interval():
+  """At CiteULike's catalogue size, with 40% zero weights (BD's masked positives and eps-clipped
+  items): the table is non-decreasing, flat across every zero-weight item, and the cumulative sum
+  up to float32 error. (A plain float32 jnp.cumsum on CPU is not monotone at this size.)"""
+  rng = np.random.default_rng(5)
+  w = rng.exponential(size=(8, 16_980)).astype(np.float32) * (rng.random((8, 16_980)) > 0.4)
+  cdf = np.asarray(jax.jit(ranking.weights_cdf)(jnp.asarray(w)))
+  step = np.diff(cdf, axis=1, prepend=0)
+  assert np.all(step >= 0)
+  assert np.all(step[w == 0] == 0)
+  np.testing.assert_allclose(cdf, np.cumsum(w.astype(np.float64), axis=1), rtol=1e-4)
+
+
+def test_sample_from_cdf_never_draws_zero_weight_items():
+  """Draws at the top of the range (u * total rounds up to total) and everywhere else never
+  land on a zero-weight item, interior or trailing."""
+  w = np.zeros((2, 64), np.float32)
+  w[0, [3, 10, 11]] = [1.0, 2.0 ** -20, 5.0]
+  w[1, 0] = 3.0
+  cdf = jax.jit(ranking.weights_cdf)(jnp.asarray(w))
+  rows = jnp.array([0, 1], jnp.int32)
+  items, valid = jax.jit(ranking.sample_from_cdf, static_argnums=3)(
+      jax.random.split(jax.random.key(4), 2), cdf, rows, 200_000)
+  items = np.asarray(items)
+  assert np.asarray(valid).all()
+  assert set(np.unique(items[0])) <= {3, 10, 11} and set(np.unique(items[1])) == {0}
+  np.testing.assert_allclose(np.mean(items[0] == 11), 5 / 6, atol=0.005)
+
+
 def test_sample_from_weights_frequencies():
   weights = jnp.asarray(WEIGHTS[[0, 2, 1, 0]])
   keys = jax.random.split(jax.random.key(1), 4)
@@ -244,7 +273,10 @@ def test_sparse_contains_matches_python_sets():
 
 def test_uniform_negatives_avoid_positives_and_are_uniform():
   num_items = 40
-  rows = [np.array([3, 17]), np.array([], np.int64), np.arange(0, 40, 8)]
+  # the third user has 62% of the items: rejection sampling with a few tries returned one of
+  # them ~2% of the time; the sampler is exact, so positives never appear
+  rows = [np.array([3, 17]), np.array([], np.int64),
+          np.sort(np.random.default_rng(1).choice(num_items, 25, replace=False))]
   indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
   csr = sparse.DeviceCSR.from_numpy(indptr, np.concatenate(rows))
   n = 60_000
@@ -312,8 +344,13 @@ def np_bd_weights(mods, data, snapshot, cfg, user):
   positives = np.zeros(data.num_items, bool)
   positives[indices[indptr[user]:indptr[user + 1]]] = True
   exclude = positives[None] if cfg.mask_positives else None
-  ranks = {m: np_ranks(np.asarray(mods[m].score_all(snapshot[m], jnp.array([user]))),
-                       exclude)[0].astype(np.float64) for m in ("teacher", "student")}
+  def scores(m):
+    s = np.asarray(mods[m].score_all(snapshot[m], jnp.array([user])))
+    if cfg.get("positive_scores", "rank") == "zero":  # the notebooks' score x (1 - train mask)
+      s = np.where(positives[None], 0.0, 1 / (1 + np.exp(-s)) if mods[m].name == "cdae" else s)
+    return s
+
+  ranks = {m: np_ranks(scores(m), exclude)[0].astype(np.float64) for m in ("teacher", "student")}
   d = ranks["student"] - ranks["teacher"]
   if cfg.rank_sign == "notebook":
     d = -d
@@ -327,6 +364,7 @@ def np_bd_weights(mods, data, snapshot, cfg, user):
     dict(),                                      # tables (default budget)
     dict(table_budget_mb=0),                     # snapshot: ranks per batch
     dict(mask_positives=False, rank_sign="notebook"),
+    dict(mask_positives=False, rank_sign="notebook", positive_scores="zero"),  # the notebooks
 ])
 def test_bd_sampler_frequencies(mode):
   data, mods, method, snapshot, cfg = bd_setup(**mode)
@@ -352,6 +390,13 @@ def test_bd_sampler_frequencies(mode):
       if cfg.mask_positives:
         assert not positives[items].any(), "sampled a training positive"
       assert_frequencies(items, w)
+
+
+def test_bd_positive_scores_needs_unmasked_positives():
+  with pytest.raises(ValueError, match="needs mask_positives=False"):
+    bd_setup(positive_scores="zero")
+  with pytest.raises(ValueError, match="positive_scores must be one of"):
+    bd_setup(mask_positives=False, positive_scores="zeros")
 
 
 def test_bd_refresh_tables_hold_cumulative_weights():

@@ -13,9 +13,10 @@ and the learner fits the guide's softened prediction with a summed binary cross-
 BCE(sg(sigma(z_guide / tau)), sigma(z_learner)), weighted lambda_TS (student) / lambda_ST
 (teacher), on top of its own loss.
 
-The public notebook differs in three ways, each a switch here: `rank_sign='notebook'` (its
+The public notebook differs in four ways, each a switch here: `rank_sign='notebook'` (its
 ascending argsort inverts both discrepancies), `mask_positives=False` (training positives can be
-sampled) and `bpr_negative='bd_sample'` (the BD-sampled item doubles as the BPR negative).
+sampled), `positive_scores='zero'` (it ranks score x (1 - train mask), so positives score 0) and
+`bpr_negative='bd_sample'` (the BD-sampled item doubles as the BPR negative).
 
 With user-batched models (CDAE) a user draws `num_samples * |I+_u|` items per direction (the
 CDAE notebook's 5 |I+_u|), kept as a 0/1 mask over items (`ranking.draws_mask`), and the BCE
@@ -76,14 +77,34 @@ def table_bytes(num_users: int, num_items: int) -> int:
   return 2 * 4 * num_users * num_items
 
 
+POSITIVE_SCORES = ("rank", "zero")
+
+
 def user_ranks(models, train: sparse.DeviceCSR, num_items: int, mask_positives: bool, params,
-               users: jax.Array) -> tuple[jax.Array, jax.Array]:
+               users: jax.Array, positive_scores: str = "rank") -> tuple[jax.Array, jax.Array]:
   """(teacher's, student's) ranks [C, I] of all items for `users` [C] under `params`
-  ({'teacher', 'student'}): 1 = best, 0 for the training positives when `mask_positives`."""
-  exclude = sparse.row_mask(train, users, num_items) if mask_positives else None
-  r_t = ranking.ranks(models["teacher"].score_all(params["teacher"], users), exclude)
-  r_s = ranking.ranks(models["student"].score_all(params["student"], users), exclude)
-  return r_t, r_s
+  ({'teacher', 'student'}): 1 = best, 0 for the training positives when `mask_positives`.
+
+  Without the mask, `positive_scores` says how the positives are ranked: 'rank' by their scores;
+  'zero' as the public notebooks do, by output x (1 - train mask), so every positive scores 0 on
+  the model's output scale: CDAE's outputs are sigmoid probabilities (positives last), the other
+  models' are raw scores (positives where 0 falls, mid-list for BPR-MF).
+  """
+  if positive_scores not in POSITIVE_SCORES:
+    raise ValueError(f"positive_scores must be one of {POSITIVE_SCORES}, got {positive_scores!r}")
+  mask = sparse.row_mask(train, users, num_items) if (
+      mask_positives or positive_scores == "zero") else None
+
+  def rank(model, p):
+    scores = model.score_all(p, users)
+    if mask_positives:
+      return ranking.ranks(scores, mask)
+    if positive_scores == "zero":
+      out = jax.nn.sigmoid(scores) if model.name == "cdae" else scores
+      return ranking.ranks(jnp.where(mask, 0.0, out))
+    return ranking.ranks(scores)
+
+  return rank(models["teacher"], params["teacher"]), rank(models["student"], params["student"])
 
 
 class Feedback(NamedTuple):
@@ -113,9 +134,16 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
   use_tables = table_bytes(num_users, num_items) <= cfg.table_budget_mb * 2**20
   chunk = min(cfg.refresh_chunk, num_users)
   by_users = models["teacher"].batching == "users"
+  positive_scores = str(cfg.get("positive_scores", "rank"))
+  if positive_scores not in POSITIVE_SCORES:
+    raise ValueError(f"positive_scores must be one of {POSITIVE_SCORES}, got {positive_scores!r}")
+  if cfg.mask_positives and positive_scores != "rank":
+    raise ValueError(f"positive_scores={positive_scores!r} ranks the training positives, so it "
+                     "needs mask_positives=False")
 
   def ranks_for(snapshot, users):
-    return user_ranks(models, train, num_items, cfg.mask_positives, snapshot, users)
+    return user_ranks(models, train, num_items, cfg.mask_positives, snapshot, users,
+                      positive_scores)
 
   def weights_for(snapshot, users):
     return discrepancy_weights(*ranks_for(snapshot, users), cfg.eps_t, cfg.eps_e, cfg.rank_sign)
@@ -136,7 +164,8 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
         w_s, w_t = feedback.apply(fb, w_s, w_t)
       if not use_tables:
         return None, fb, out
-      tables = (w_s, w_t) if by_users else (jnp.cumsum(w_s, axis=1), jnp.cumsum(w_t, axis=1))
+      tables = (w_s, w_t) if by_users else (ranking.weights_cdf(w_s),
+                                                       ranking.weights_cdf(w_t))
       return tables, None, out
 
     tables, fb, out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_users],
