@@ -9,6 +9,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from kdrec_jax import faults
+
 
 class PhaseCheckpoints:
   """Saves and restores a phase's train state (a pytree) under `<root>/<phase>/<epoch>`."""
@@ -31,6 +33,7 @@ class PhaseCheckpoints:
     if self.latest_epoch() == epoch:
       return
     self._manager.save(epoch, args=ocp.args.StandardSave(tree), force=True)
+    faults.point("checkpoint")  # the save is under way (orbax writes in the background)
     self._manager.wait_until_finished()
 
   def restore(self, like: Any, epoch: Optional[int] = None) -> Any:

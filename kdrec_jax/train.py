@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from kdrec_jax import ranking, sparse
+from kdrec_jax import faults, ranking, sparse
 from kdrec_jax.parallel import AXIS
 
 MODELS = ("teacher", "student")
@@ -266,6 +266,7 @@ def _write_json_atomic(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
+  faults.point("results")  # written, not yet in place
   os.replace(tmp, path)
 
 
@@ -889,6 +890,7 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
         writer.write(phase=phase.name, epoch=epoch, refresh=jax.device_get(stats))
       state = jax.device_put(state, replicated)
     state, metrics = run_epoch(state, exp.examples, jax.random.fold_in(phase_key, epoch), epoch)
+    faults.point("epoch")  # the epoch is dispatched and running
     epoch += 1
     if budget[0] is not None:
       budget[0] -= 1
@@ -899,7 +901,11 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
       n = float(metrics["examples"])
       losses = {k: float(v) / n for k, v in metrics.items() if k != "examples"}
       if not all(np.isfinite(v) for v in losses.values()):
-        raise FloatingPointError(f"[{phase.name}] epoch {epoch}: non-finite loss {losses}")
+        last = ckpt.latest_epoch()
+        raise FloatingPointError(
+            f"[{phase.name}] epoch {epoch}: non-finite loss {losses}; the last good checkpoint "
+            "is " + (os.path.join(ckpt.directory, str(last)) if last is not None else
+                     "none (the phase has not saved one yet)"))
       writer.write(phase=phase.name, epoch=epoch, seconds_per_epoch=dt, examples_per_s=n / dt,
                    **losses)
       loss_text = " ".join(f"{x[0].upper()} {losses[f'loss_{x}']:.4f}" for x in phase.train
@@ -915,6 +921,7 @@ def _run_phase(exp: Experiment, phase: Phase, pcfg, opts, state, ckpt, writer, b
                                                                  or early.on):
       val = exp.evaluate(state, splits=("val",), models=tuple(m for m in MODELS
                                                               if m in phase.train))
+      faults.point("eval")
       if early.on:
         best = early.update(best, val, state, phase, epoch)
       writer.write(phase=phase.name, epoch=epoch, eval=val)

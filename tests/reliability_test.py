@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, quick_config
@@ -138,3 +139,63 @@ def test_progress_line_on_a_terminal_only(monkeypatch):
   outside = train.Progress("distill", total=10, start=0)
   assert outside.mode is None
   outside.update(2, "loss S 0.3")
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics and degenerate data
+# ---------------------------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_naming_phase_epoch_and_last_good_checkpoint(citeulike_file,
+                                                                           tmp_path):
+  workdir = str(tmp_path / "run")
+  _stopped_run(citeulike_file, workdir, epochs=3)  # warm-up 2 + distill 1 (checkpointed)
+  blown = _cfg(citeulike_file, distill__student__lr=1e30, force_resume=True)
+  good = os.path.join(workdir, "checkpoints", "distill", "1")
+  with pytest.raises(FloatingPointError,
+                     match=rf"\[distill\] epoch 2: non-finite loss .*checkpoint is {good}$"):
+    train.train_and_evaluate(blown, workdir)
+
+
+def _write_pairs(path, pairs):
+  path.write_text("".join(f"{u} {i}\n" for u, i in pairs))
+  return str(path)
+
+
+def test_degenerate_users_and_items_train_and_evaluate(citeulike_file, tmp_path):
+  """A ready-made split with a user id that has no interactions at all, item ids nobody
+  interacted with, a user whose every item is held out (a cold user) and items seen only in
+  held-out data: the run trains, every test user is evaluated, and the metrics are finite."""
+  from kdrec_jax import data as kdata
+  base = kdata.load(kdata.data_config(path=citeulike_file))
+  rows = {s: base.split(s) for s in ("train", "val", "test")}
+  pairs = {s: [(u + 1, i) for u in range(base.num_users)  # user 0: no interactions anywhere
+               for i in rows[s][1][rows[s][0][u]:rows[s][0][u + 1]]] for s in rows}
+  cold, n_items = base.num_users + 1, base.num_items
+  pairs["val"].append((cold, n_items))           # items n, n+1 only held out, by the cold user
+  pairs["test"].append((cold, n_items + 1))      # items n+2 .. n+4: no interactions at all
+  pairs["test"].append((3, n_items + 5))
+  paths = {s: _write_pairs(tmp_path / f"{s}.txt", p) for s, p in pairs.items()}
+  cfg = _cfg(citeulike_file, warmup__epochs=1, distill__epochs=1)
+  cfg.data.format = "splits"
+  cfg.data.train, cfg.data.val, cfg.data.test = paths["train"], paths["val"], paths["test"]
+  results = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  data = kdata.load(cfg.data)
+  assert data.num_users == base.num_users + 2 and data.num_items == n_items + 6
+  for phase in ("warmup", "distill"):
+    for m in train.MODELS:
+      test = results["phases"][phase][m]["test"]
+      assert all(v is not None and np.isfinite(v) for v in test.values()), (phase, m, test)
+  assert results["phases"]["distill"]["student_beats_teacher"]["users"] == base.num_users + 1
+
+
+@pytest.mark.parametrize("lines,problem", [
+    (["1 0"] * 30, "a catalogue of one item leaves nothing to rank"),
+    (["2 0 1", "2 1 2", "2 0 2"], "no test interactions"),  # two items each: all in training
+])
+def test_unusable_datasets_get_a_clear_error(tmp_path, lines, problem):
+  from kdrec_jax import data as kdata
+  path = tmp_path / "users.dat"
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(kdata.DataError, match=f"{path}: after preprocessing and the split, "
+                                            f"{problem}"):
+    kdata.load(kdata.data_config(path=str(path), min_user_interactions=0))

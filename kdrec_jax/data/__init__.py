@@ -178,7 +178,8 @@ def load(cfg: Any) -> Interactions:
     paths = [_get(cfg, k) for k in ("train", "val", "test")]
     if not all(paths):
       raise ValueError("data format 'splits' needs train, val and test paths")
-    return read_splits(*[os.path.expanduser(p) for p in paths], name=name)
+    paths = [os.path.expanduser(p) for p in paths]
+    return _usable(read_splits(*paths, name=name), " / ".join(paths))
   split = _get(cfg, "split")
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -187,13 +188,27 @@ def load(cfg: Any) -> Interactions:
   name = name or _default_name(records.source)
   seed = int(_get(cfg, "seed"))
   if split == "loo":
-    return leave_one_out(records, order=_get(cfg, "loo_order"), seed=seed, name=name)
+    return _usable(leave_one_out(records, order=_get(cfg, "loo_order"), seed=seed, name=name),
+                   records.source)
   inter = ratio_split(records, val_ratio=float(_get(cfg, "val_ratio")),
                       test_ratio=float(_get(cfg, "test_ratio")),
                       order=_get(cfg, "ratio_order"), seed=seed, name=name,
                       rounding=_get(cfg, "ratio_rounding"))
   if float(_get(cfg, "heldout_test_users") or 0):
     inter = preprocess.heldout_by_user(inter, float(_get(cfg, "heldout_test_users")), seed)
+  return _usable(inter, records.source)
+
+
+def _usable(inter: Interactions, source: str) -> Interactions:
+  """`inter`, or a DataError if nothing could be learned or measured from it: fewer than two
+  items (nothing to rank), no training pairs, or no test interactions (nothing to evaluate)."""
+  sizes = {s: len(inter.split(s)[1]) for s in ("train", "test")}
+  problem = ("a catalogue of one item leaves nothing to rank" if inter.num_items < 2 else
+             "no training interactions" if sizes["train"] == 0 else
+             "no test interactions, so nothing to evaluate" if sizes["test"] == 0 else None)
+  if problem:
+    raise DataError(f"{source}: after preprocessing and the split, {problem} ({inter!r}); "
+                    "check the filters (min_user_interactions, min_rating) and the split")
   return inter
 
 
