@@ -19,10 +19,12 @@ def _model(name, dim):
   return ml_collections.ConfigDict(dict(name=name, dim=dim, **extra))
 
 
-# LightGCN with every method; NeuMF (whose representations concatenate two towers) with the
-# methods that read representations and one that only reads scores, to keep the suite short.
-@pytest.mark.parametrize("model,methods", [("lightgcn", KD_METHODS),
-                                           ("neumf", ("cd", "de", "ftd"))])
+# LightGCN with every loss (CD's two guides share their code, DE-RRD holds DE and RRD); NeuMF
+# (whose representations concatenate two towers) with one method that reads representations
+# and one that only reads scores, to keep the suite short.
+@pytest.mark.parametrize("model,methods", [
+    ("lightgcn", ("cd", "rd", "de_rrd", "dcd", "ftd", "htd", "unkd")),
+    ("neumf", ("cd", "de"))])
 def test_every_method_trains_with_graph_and_neural_models(citeulike_file, model, methods):
   for method in methods:
     cfg = kd_config(citeulike_file, method, num_devices=1, teacher=_model(model, 8),

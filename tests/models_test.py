@@ -15,9 +15,9 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_config_module
 from kdrec_jax import data as kdata
-from kdrec_jax import metrics, models, ranking, sparse
+from kdrec_jax import metrics, models, ranking, sparse, train
 from kdrec_jax.data import Interactions
 from kdrec_jax.models import cdae, lightgcn, neumf
 
@@ -427,26 +427,30 @@ def _write_users_dat(path, num_users=100, num_items=150, seed=0):
 
 
 def test_bd_launcher_end_to_end(tmp_path):
-  """BD quick config with each new model through `launch.train` (the two runs in parallel)."""
+  """BD's CDAE quick config (user batches: its own path through the step) end to end through
+  `launch.train`; the NeuMF and LightGCN configs build their experiment (their training is
+  covered above and by the method tests)."""
   data_path = _write_users_dat(tmp_path / "users.dat")
+  for name in ("neumf", "lightgcn"):
+    cfg = load_config_module(os.path.join(REPO_ROOT, "configs", f"bd_{name}_citeulike.py")
+                             ).get_config("quick")
+    cfg.data.path = data_path
+    exp = train.Experiment(cfg)
+    assert exp.models["teacher"].name == exp.models["student"].name == name
+    assert exp.method.name == "bd" and tuple(exp.method.learners) == train.MODELS
   env = dict(os.environ, XLA_FLAGS="")  # one CPU device: no fake-device slowdown
-  runs = {}
-  for name in ("neumf", "lightgcn", "cdae"):
-    workdir = tmp_path / name
-    cmd = [sys.executable, "-m", "launch.train",
-           f"--config=configs/bd_{name}_citeulike.py:quick", f"--workdir={workdir}",
-           f"--config.data.path={data_path}", "--config.warmup.epochs=1",
-           "--config.distill.epochs=1", "--config.method.refresh_every=1",
-           "--config.batch_size=32", "--config.eval.chunk_size=64"]
-    runs[name] = (workdir, subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, text=True,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-  for name, (workdir, proc) in runs.items():
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"{name}:\n{stderr[-3000:]}"
-    with open(workdir / "results.json") as f:
-      results = json.load(f)
-    assert set(results["phases"]) == {"warmup", "distill", "control"}, name
-    for phase in results["phases"].values():
-      for m in ("teacher", "student"):
-        assert np.isfinite(phase[m]["test"]["NDCG@10"]), (name, m)
-    assert results["config"]["teacher"]["name"] == results["config"]["student"]["name"] == name
+  workdir = tmp_path / "cdae"
+  cmd = [sys.executable, "-m", "launch.train", "--config=configs/bd_cdae_citeulike.py:quick",
+         f"--workdir={workdir}", f"--config.data.path={data_path}", "--config.warmup.epochs=1",
+         "--config.distill.epochs=1", "--config.method.refresh_every=1",
+         "--config.batch_size=32", "--config.eval.chunk_size=64"]
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert set(results["phases"]) == {"warmup", "distill", "control"}
+  for phase in results["phases"].values():
+    for m in ("teacher", "student"):
+      assert np.isfinite(phase[m]["test"]["NDCG@10"]), m
+  assert results["config"]["teacher"]["name"] == results["config"]["student"]["name"] == "cdae"
