@@ -33,9 +33,9 @@ import os
 import re
 import statistics
 import sys
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 if TYPE_CHECKING:  # matplotlib is imported on first use
   from matplotlib.axes import Axes

@@ -164,8 +164,7 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
         w_s, w_t = feedback.apply(fb, w_s, w_t)
       if not use_tables:
         return None, fb, out
-      tables = (w_s, w_t) if by_users else (ranking.weights_cdf(w_s),
-                                                       ranking.weights_cdf(w_t))
+      tables = (w_s, w_t) if by_users else (ranking.weights_cdf(w_s), ranking.weights_cdf(w_t))
       return tables, None, out
 
     tables, fb, out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_users],
