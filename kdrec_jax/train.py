@@ -263,6 +263,10 @@ class MetricWriter:
 
 
 def _write_json_atomic(path: str, obj) -> None:
+  """Writes `obj` to `path` via a temporary file and a rename (process 0 only: in a multi-host
+  run the others compute the same values and only read)."""
+  if jax.process_index() != 0:
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
@@ -652,7 +656,8 @@ def provenance(exp) -> dict:
   devices = exp.mesh.devices.flatten().tolist()
   return {"kdrec_jax": version, "git_commit": commit, "jax": jax.__version__,
           "python": platform.python_version(), "backend": jax.default_backend(),
-          "devices": [d.device_kind for d in devices], "host": platform.node(),
+          "devices": [d.device_kind for d in devices], "processes": jax.process_count(),
+          "host": platform.node(),
           "data_sha256": data_hash(exp.data)}
 
 
@@ -731,6 +736,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   many epochs in this call.
   """
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:  # multi-host: process 0 holds the lock and writes for all
+    return _train_and_evaluate(config, workdir)
   with _WorkdirLock(workdir):
     return _train_and_evaluate(config, workdir)
 
