@@ -87,6 +87,14 @@ def test_teacher_init_from_params_dir(teacher_dir, citeulike_file, tmp_path):
   bad.teacher_init = str(tmp_path / "teacher_params")
   with pytest.raises(ValueError, match="do not fit the configured teacher"):
     train.train_and_evaluate(bad, str(tmp_path / "bad"))
+  # A teacher's warm-up stopped before its end (checkpoints exist, the phase is not finished).
+  half = str(tmp_path / "half")
+  train.train_and_evaluate(kd_config(citeulike_file, "teacher", num_devices=1, warmup__epochs=3,
+                                     max_epochs_per_run=1), half)
+  assert os.listdir(os.path.join(half, "checkpoints", "warmup"))
+  bad.teacher_init, bad.teacher.dim = half, 8
+  with pytest.raises(FileNotFoundError, match="has no finished warm-up"):
+    train.train_and_evaluate(bad, str(tmp_path / "bad2"))
 
 
 def test_early_stopping_reports_the_best_epoch(teacher_dir, citeulike_file, tmp_path):
