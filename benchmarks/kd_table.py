@@ -8,7 +8,8 @@ r"""The README's teacher->student tables from finished workdirs (results.json fi
 - kd (configs/kd_citeulike.py): `<method>_s<seed>` and `teacher`. Test Recall@10 / NDCG@10 /
   Recall@20 / NDCG@20 at the best validation epoch, mean ± std over seeds, beside the published
   RCE-KD Table 1 row where there is one, the gain in NDCG@20 over the no-KD student, the best
-  epoch, the seconds per epoch and the wall time of the phase.
+  epoch, the seconds per epoch and the wall time of the phase's epochs (from metrics.jsonl, each
+  epoch counted once across the calls of a resumed run).
 - td (configs/td_citeulike.py): `teacher` and `<method>_d<dim>`. Test HR@50 / NDCG@50 after the
   students' 100 epochs, beside the reference's logged HR@50.
 - ub (configs/unkd_protocol.py): `<dataset>_<method>`. Test Recall@20 / NDCG@20, per popularity
@@ -60,6 +61,26 @@ def load_runs(root: str) -> dict:
   return out
 
 
+def training_seconds(root: str, name: str, phase: str):
+  """Wall seconds of a phase's epochs from the run's metrics.jsonl, counting each epoch once
+  however many calls a resumed run took (the per-epoch lines' seconds_per_epoch times the
+  epochs since the previous kept line; evaluation and refresh included, compilation not), or
+  None without per-epoch lines."""
+  path = os.path.join(root, name, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  last = {}  # epoch -> seconds per epoch of its latest line (a resumed run redoes epochs)
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      if r.get("phase") == phase and "seconds_per_epoch" in r:
+        last[r["epoch"]] = r["seconds_per_epoch"]
+  if not last:
+    return None
+  epochs = sorted(last)
+  return sum(last[e] * (e - p) for p, e in zip([0] + epochs[:-1], epochs))
+
+
 def _result(phases: dict, teacher: bool):
   """(the phase's results, the model key) of a run: the warm-up for a teacher run."""
   phase = phases.get("warmup" if teacher else "distill")
@@ -73,13 +94,15 @@ def _cell(values) -> str:
   return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
 
 
-def kd_table(runs: dict) -> str:
+def kd_table(runs: dict, root: str = "") -> str:
   by_method = collections.defaultdict(list)
   for name, phases in runs.items():
     match = re.fullmatch(r"(.+)_s(\d+)", name)
     method, seed = (match.group(1), int(match.group(2))) if match else (name, 0)
     phase, model = _result(phases, method == "teacher")
     if phase:
+      seconds = training_seconds(root, name, "warmup" if method == "teacher" else "distill")
+      phase = dict(phase, seconds=seconds if seconds is not None else phase["seconds"])
       by_method[method].append((seed, phase, model))
   none = [p[model]["test"]["NDCG@20"] for _, p, model in by_method.get("none", [])]
   lines = ["| run | seeds | R@10 | N@10 | R@20 | N@20 | published R@10 / N@10 / R@20 / N@20 "
@@ -166,7 +189,8 @@ def write_between_markers(path: str, name: str, text: str) -> None:
 def main(argv):
   del argv
   runs = load_runs(_RUNS.value)
-  text = {"kd": kd_table, "td": td_table, "ub": ub_table}[_PROTOCOL.value](runs)
+  text = (kd_table(runs, _RUNS.value) if _PROTOCOL.value == "kd" else
+          {"td": td_table, "ub": ub_table}[_PROTOCOL.value](runs))
   print(text)
   if _README.value:
     write_between_markers(_README.value, _PROTOCOL.value.upper(), text)
