@@ -140,3 +140,18 @@ def kd_config(data_path: str, method: str, **overrides):
     if k in cfg.method:
       cfg.method[k] = v
   return apply_overrides(cfg, overrides)
+
+
+def raises_data_error_at(fn, fname: str, line=None, *fragments: str) -> str:
+  """Calls `fn`, which must raise a DataError naming `fname` (and `fname:line:` when `line` is
+  given) with every fragment in its message; returns the message."""
+  from kdrec_jax.data import DataError
+  with pytest.raises(DataError) as info:
+    fn()
+  msg = str(info.value)
+  assert fname in msg, msg
+  if line is not None:
+    assert f"{fname}:{line}:" in msg, msg
+  for frag in fragments:
+    assert frag in msg, msg
+  return msg

@@ -10,6 +10,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+from conftest import raises_data_error_at as _raises_at
+
 from kdrec_jax import data
 from kdrec_jax.data import DataError
 
@@ -32,18 +34,6 @@ def _records(users, items, timestamps=None, source="mem") -> data.Records:
       source=source, users=users, items=items, order=np.arange(len(users), dtype=np.int64),
       num_users=int(users.max()) + 1, num_items=int(items.max()) + 1,
       timestamps=None if timestamps is None else np.asarray(timestamps, np.float64))
-
-
-def _raises_at(fn, fname: str, line=None, *fragments: str) -> str:
-  with pytest.raises(DataError) as info:
-    fn()
-  msg = str(info.value)
-  assert fname in msg, msg
-  if line is not None:
-    assert f"{fname}:{line}:" in msg, msg
-  for frag in fragments:
-    assert frag in msg, msg
-  return msg
 
 
 # ----------------------------------------------------------------------------- citeulike reader

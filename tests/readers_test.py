@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import raises_data_error_at as _raises_at
+
 from kdrec_jax import data
 from kdrec_jax.data import DataError, presets
 
@@ -28,18 +30,6 @@ def _write(tmp_path: pathlib.Path, name: str, text: str) -> str:
   path = tmp_path / name
   path.write_text(text, encoding="utf-8")
   return str(path)
-
-
-def _raises_at(fn, fname: str, line=None, *fragments: str) -> str:
-  with pytest.raises(DataError) as info:
-    fn()
-  msg = str(info.value)
-  assert fname in msg, msg
-  if line is not None:
-    assert f"{fname}:{line}:" in msg, msg
-  for frag in fragments:
-    assert frag in msg, msg
-  return msg
 
 
 def _labelled(cfg) -> tuple[data.Interactions, dict]:
