@@ -55,7 +55,9 @@ def get_config(arg: str = ""):
       positive_scores="rank",   # with mask_positives=False: 'zero' ranks score x (1 - train
                                 # mask) as the notebooks (positives at score 0)
       bpr_negative="uniform",   # 'bd_sample': BD's item doubles as BPR negative (notebook)
-      table_budget_mb=2048,     # sampling tables (2 x U x I float32) only under this budget
+      sampling_state="auto",    # tables / draws / snapshot; 'auto': the first that fits
+      table_budget_mb=2048,     # the sampling state's memory budget (tables: 2 x U x I float32)
+      rank_buckets=0,           # 0: exact ranks; > 0: histogram ranks (opt-in, bounded error)
       refresh_chunk=256))
   c.eval = ml_collections.ConfigDict(dict(
       ks=(10, 20, 50, 100), chunk_size=1024, protocol="full", num_negatives=499))

@@ -68,6 +68,41 @@ def ranks(scores: jax.Array, exclude: jax.Array | None = None) -> jax.Array:
   return out
 
 
+def histogram_ranks(scores: jax.Array, exclude: jax.Array | None = None, buckets: int = 8192
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Approximate `ranks` in O(N) per row, without sorting: (ranks int32 [C, N], error bound int32
+  [C, N]).
+
+  Each row's finite scores are cut into `buckets` equal-width bins between the row's lowest and
+  highest score (+inf in the top bin; -inf and NaN in the bottom one). An item in a bin holding
+  c items with a items in the bins above it has exact rank in [a + 1, a + c] (every item above
+  its bin outranks it, every item below is outranked); it gets the middle, a + (c + 1) // 2, so
+  |rank - exact rank| <= c // 2, the returned bound (0 for an item alone in its bin). Excluded
+  items get rank 0 and bound 0 and are in no bin. On the 2-core CPU this is ~4x cheaper than the
+  exact sort at 25k items (benchmarks/REPORT.md).
+  """
+  s = scores.astype(jnp.float32)
+  c, n = s.shape
+  keep = jnp.ones(s.shape, bool) if exclude is None else ~exclude
+  finite = keep & jnp.isfinite(s)
+  lo = jnp.min(jnp.where(finite, s, jnp.inf), axis=-1, keepdims=True)
+  hi = jnp.max(jnp.where(finite, s, -jnp.inf), axis=-1, keepdims=True)
+  scale = jnp.where(hi > lo, (buckets - 1) / (hi - lo), 0.0)
+  x = jnp.where(finite, (s - jnp.where(finite, lo, 0.0)) * scale, 0.0)
+  b = jnp.clip(x.astype(jnp.int32), 0, buckets - 1)
+  b = jnp.where(s == jnp.inf, buckets - 1, jnp.where(finite, b, 0))
+  flat = b + (jnp.arange(c, dtype=jnp.int32) * buckets)[:, None]
+  flat = jnp.where(keep, flat, c * buckets)  # excluded: out of range, dropped
+  counts = jnp.zeros((c * buckets,), jnp.int32).at[flat.ravel()].add(1, mode="drop")
+  counts = counts.reshape(c, buckets)
+  above = jnp.cumsum(counts[:, ::-1], axis=-1)[:, ::-1] - counts
+  mid = (above + (counts + 1) // 2).ravel()
+  flat = jnp.minimum(flat, c * buckets - 1)
+  rank = jnp.where(keep, mid[flat], 0)
+  bound = jnp.where(keep, counts.ravel()[flat] // 2, 0)
+  return rank, bound
+
+
 @contextlib.contextmanager
 def x64():
   """Traces inside with 64-bit types on (for the packed-key sort); a no-op if unsupported."""

@@ -86,7 +86,8 @@ def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.
   """Per-device `train_step(state, batch, key) -> (state, metrics)`.
 
   batch: {'user' (int32 [B]), 'pos' (int32 [B], pair batching only), 'index' (int32 [B],
-  position in the epoch, for per-example keys), 'weight' (float32 [B], 0 for padding)}.
+  position in the epoch, for per-example keys), 'example' (int32 [B], the example's id, optional:
+  what BD's pre-drawn samples are indexed by), 'weight' (float32 [B], 0 for padding)}.
   Losses are sums over the global batch.
   """
   by_users = batching_of(models) == "users"
@@ -116,6 +117,8 @@ def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.
     ctx = {"user": users, "weight": weight, "neg": negs}
     if not by_users:
       ctx["pos"] = batch["pos"]
+    if "example" in batch:
+      ctx["example"] = batch["example"]
     samples = None
     if phase.distill and method.sample is not None:
       view = {k: state[k] for k in ("static", "cache", "carry", "hparams", "epoch")}
@@ -222,6 +225,7 @@ def make_epoch(train_step, mesh, num_train: int, batch_size: int):
     batches = {k: v[idx].reshape(steps, batch_size) for k, v in examples.items()}
     batches.update({
         "index": jnp.arange(steps * batch_size, dtype=jnp.int32).reshape(steps, batch_size),
+        "example": idx.reshape(steps, batch_size),
         "weight": (jnp.arange(steps * batch_size) < num_train).astype(jnp.float32
                                                                       ).reshape(steps, batch_size),
     })
@@ -370,13 +374,14 @@ class Experiment:
   """Everything a run needs that does not change between phases: data, models, method, mesh,
   evaluators and the device copies of the training examples."""
 
-  def __init__(self, config):
+  def __init__(self, config, data=None):
+    """`data`: an `Interactions` to use instead of loading `config.data` (benchmarks)."""
     from kdrec_jax import data as kdata
     from kdrec_jax import methods as kmethods
     from kdrec_jax import metrics as kmetrics
     from kdrec_jax import models as kmodels
     self.config = config
-    self.data = kdata.load(config.data)
+    self.data = kdata.load(config.data) if data is None else data
     d = self.data
     self.models = {m: kmodels.make(config[m], d.num_users, d.num_items, data=d) for m in MODELS}
     self.method = kmethods.make(config.method, self.models, d)

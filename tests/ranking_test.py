@@ -14,6 +14,7 @@ import pytest
 
 from kdrec_jax import methods, models, ranking, sparse
 from kdrec_jax.data.interactions import Interactions
+from kdrec_jax.methods import bd
 
 # scipy.stats.chi2.ppf(0.999, dof) for dof = 1..40, rounded to 3 decimals (scipy 1.x).
 CHI2_999 = {
@@ -147,6 +148,48 @@ def test_ranks_special_values_follow_stable_argsort():
   np.testing.assert_array_equal(np_ranks(scores), [[2, 3, 4, 6, 1, 5]])
   np.testing.assert_array_equal(np.asarray(ranking.ranks(jnp.asarray(scores))),
                                 np_ranks(scores))
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 64, 8192])
+def test_histogram_ranks_within_their_bound(buckets):
+  """Every approximate rank is within its returned bound of the exact rank; the bound is half
+  the item's bin occupancy, so a row of distinct, well-spread scores is ranked exactly."""
+  scores, exclude = tied_scores(rows=9, n=300, seed=1)
+  scores[4] = np.random.default_rng(2).normal(size=300)
+  scores[5, :4] = [np.inf, -np.inf, np.nan, 3.0]
+  exact = np_ranks(np.where(np.isnan(scores), -np.inf, scores), exclude)
+  exact[5] = np.asarray(ranking.ranks(jnp.asarray(scores[5:6]), jnp.asarray(exclude[5:6])))[0]
+  got, bound = (np.asarray(x) for x in jax.jit(ranking.histogram_ranks, static_argnums=2)(
+      jnp.asarray(scores), jnp.asarray(exclude), buckets))
+  assert got.dtype == bound.dtype == np.int32
+  assert np.all(np.abs(got - exact) <= bound)
+  assert np.all(got[exclude] == 0) and np.all(bound[exclude] == 0)
+  assert np.all(got[~exclude] >= 1) and np.all(got[~exclude] <= (~exclude).sum(1)[:, None]
+                                                .repeat(300, 1)[~exclude])
+  # The bound is half the occupancy: a lone item is exact, the constant row 0 shares one bin.
+  np.testing.assert_array_equal(bound[0][~exclude[0]], (~exclude[0]).sum() // 2)
+  if buckets == 8192:  # 300 normal scores in 8192 bins: mostly alone
+    assert np.mean(bound[4] == 0) > 0.9 and np.all(np.abs(got[4] - exact[4]) <= 1)
+
+
+def test_bd_histogram_ranks_bound_the_weight_error():
+  """BD's weights from histogram ranks: the student's differ by at most eps_t times the two
+  ranks' bounds, the teacher's by a factor within exp(+-eps_e times them)."""
+  rng = np.random.default_rng(3)
+  s_t, s_s = (jnp.asarray(rng.normal(size=(16, 2000)), jnp.float32) for _ in range(2))
+  exclude = jnp.asarray(rng.random((16, 2000)) < 0.05)
+  eps_t, eps_e = 1e-2, 1e-4
+  exact = bd.discrepancy_weights(ranking.ranks(s_t, exclude), ranking.ranks(s_s, exclude),
+                                 eps_t, eps_e)
+  (r_t, b_t), (r_s, b_s) = (ranking.histogram_ranks(s, exclude, 512) for s in (s_t, s_s))
+  approx = bd.discrepancy_weights(r_t, r_s, eps_t, eps_e)
+  err = np.asarray(b_t + b_s, np.float64)
+  assert err.max() >= 1  # a non-trivial test: some bins hold several items
+  np.testing.assert_array_less(np.abs(np.asarray(approx[0]) - np.asarray(exact[0])),
+                               eps_t * err + 1e-6)
+  ratio = np.asarray(approx[1], np.float64) / np.where(exclude, 1.0, np.asarray(exact[1]))
+  np.testing.assert_array_less(np.abs(np.log(np.where(exclude, 1.0, ratio))),
+                               eps_e * err + 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +433,57 @@ def test_bd_sampler_frequencies(mode):
       if cfg.mask_positives:
         assert not positives[items].any(), "sampled a training positive"
       assert_frequencies(items, w)
+
+
+def test_bd_draws_follow_the_weights():
+  """'draws': the refresh pre-draws each training pair's BD items for every epoch of the period,
+  i.i.d. from its user's weights; a step reads its pairs' row for its epoch."""
+  data, mods, method, snapshot, cfg = bd_setup(sampling_state="draws", refresh_every=5)
+  indptr, _ = data.split("train")
+  keys = jax.random.split(jax.random.key(7), 1500)
+  with ranking.x64():
+    refresh = jax.jit(jax.vmap(lambda k: method.refresh({}, snapshot, {}, k, 10)[0]))
+    caches = refresh(keys)
+  assert set(caches) == {"draws_student", "draws_teacher", "draws_epoch"}
+  assert caches["draws_student"].shape == (1500, data.num_train, 5, cfg.num_samples)
+  for u in (0, 4):
+    w_student, w_teacher, positives = np_bd_weights(mods, data, snapshot, cfg, u)
+    for learner, w in (("student", w_student), ("teacher", w_teacher)):
+      items = np.asarray(caches[f"draws_{learner}"])[:, indptr[u]:indptr[u + 1]]
+      assert not positives[items].any(), "sampled a training positive"
+      assert_frequencies(items, w)
+  # A step at epoch 12 (period from 10) reads each pair's column 2.
+  cache = jax.tree.map(lambda x: x[0], caches)
+  examples = jnp.array([0, 5, 15], jnp.int32)
+  view = {"cache": cache, "epoch": jnp.int32(12)}
+  got = jax.jit(method.sample)(view, {"user": jnp.asarray(np.searchsorted(
+      indptr, examples, side="right") - 1, jnp.int32), "example": examples},
+      jax.random.split(jax.random.key(0), 3), None)
+  for learner in ("student", "teacher"):
+    np.testing.assert_array_equal(got[learner][0], cache[f"draws_{learner}"][examples, 2])
+    assert np.all(np.asarray(got[learner][1]))
+
+
+def test_bd_sampling_state_choice():
+  """'auto': tables if they fit the budget and half the free memory, else pre-drawn items
+  (pair batches with periodic refreshes), else the snapshot."""
+  cfg = lambda **kw: ml_collections.ConfigDict(dict(  # noqa: E731
+      dict(table_budget_mb=100, refresh_every=10, num_samples=1), **kw))
+  choose = bd.choose_sampling_state
+  # tables: 2 x 4 bytes x 1000 x 5000 = 38 MiB
+  assert choose(cfg(), 1000, 5000, 20_000, False, free_mb=1e6) == "tables"
+  assert choose(cfg(), 1000, 5000, 20_000, False, free_mb=60) == "draws"  # 30 MiB usable
+  assert choose(cfg(table_budget_mb=10), 1000, 5000, 20_000, False, free_mb=1e6) == "draws"
+  assert choose(cfg(table_budget_mb=10), 1000, 5000, 20_000, True, free_mb=1e6) == "snapshot"
+  assert choose(cfg(table_budget_mb=10, refresh_every=0), 1000, 5000, 20_000, False,
+                free_mb=1e6) == "snapshot"
+  assert choose(cfg(table_budget_mb=1), 1000, 5000, 20_000, False, free_mb=1e6) == "snapshot"
+  assert choose(cfg(sampling_state="snapshot"), 10, 10, 10, False) == "snapshot"
+  with pytest.raises(ValueError, match="needs pair-batched models"):
+    choose(cfg(sampling_state="draws"), 10, 10, 10, True)
+  with pytest.raises(ValueError, match="sampling_state must be one of"):
+    choose(cfg(sampling_state="table"), 10, 10, 10, False)
+  assert bd.available_mb() > 0
 
 
 def test_bd_positive_scores_needs_unmasked_positives():

@@ -97,6 +97,30 @@ def test_distill_epoch_4_devices_matches_1(distill_setup):
                 - np.asarray(state0["student"]["params"]["item"])).max() > 1e-3
 
 
+@needs_4_devices
+def test_pre_drawn_bd_epoch_4_devices_matches_1(citeulike_file):
+  """BD with pre-drawn samples ('draws'): the step reads its pairs' draws; every pair gets a valid
+  draw, and 4 devices give the 1-device epoch."""
+  from conftest import quick_config
+  cfg = quick_config(citeulike_file, num_devices=1, method__sampling_state="draws",
+                     method__refresh_every=2)
+  exp = train.Experiment(cfg)
+  opts = exp.optimizers(cfg.distill)
+  state0 = _distill_state(exp, opts)
+  assert set(state0["cache"]) == {"draws_student", "draws_teacher", "draws_epoch"}
+  step = train.make_train_step(train.Phase("distill", MODELS, True), exp.models, exp.method,
+                               opts, exp.train_csr, exp.data.num_items)
+  out = {}
+  for n in (4, 1):
+    epoch, _ = train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)
+    out[n] = _np(epoch(_copy(state0), exp.examples, jax.random.key(5), 1))
+  (s4, m4), (s1, m1) = out[4], out[1]
+  _assert_params_close(s4, s1)
+  for k in m1:
+    np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-5, err_msg=k)
+  assert float(m1["valid_student"]) == float(m1["valid_teacher"]) == exp.data.num_train
+
+
 def _cdae_config(citeulike_file, **overrides):
   from conftest import quick_config
   cfg = quick_config(citeulike_file, **overrides)

@@ -22,10 +22,19 @@ With user-batched models (CDAE) a user draws `num_samples * |I+_u|` items per di
 CDAE notebook's 5 |I+_u|), kept as a 0/1 mask over items (`ranking.draws_mask`), and the BCE
 reads the learner's and guide's training-mode logits for the whole row.
 
-Two ways to keep the sampling state, chosen by memory: under `table_budget_mb`, the refresh
-stores per-user cumulative weights for all items (two U x I float32 tables) and a draw is a binary
-search; over it, the state is just the parameter snapshot and each step ranks its batch's users
-from it (memory O(batch x items)).
+Three ways to keep the sampling state (`sampling_state`, 'auto' picks the first that fits in
+`table_budget_mb` and in half the memory the device has free; see `choose_sampling_state`):
+- 'tables': the refresh stores per-user cumulative weights for all items (two U x I float32
+  tables) and a draw is a binary search;
+- 'draws' (pair batches, refresh_every >= 1): the refresh draws, from the same weights, every
+  BD item the coming period's steps will use (per training pair, epoch of the period and
+  direction: 2 x pairs x refresh_every x num_samples int32) and a step reads its pairs' rows. The
+  draws are i.i.d. from each user's weights as in 'tables', from another random stream; memory is
+  O(pairs), the cost a refresh's;
+- 'snapshot': the state is the parameter snapshot and each step ranks its batch's users from it
+  (memory O(batch x items), an epoch costs about as many row sorts as 20 refreshes).
+`rank_buckets` > 0 ranks with `ranking.histogram_ranks` (opt-in: |rank error| <= half the
+occupancy of the item's bin; the exact sort otherwise).
 
 `make(..., feedback=Feedback(...))` reweights these weights by state built at each refresh (iBD,
 `kdrec_jax.methods.ibd`), in both ways of keeping the sampling state; the sampler and the loss
@@ -35,8 +44,10 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kdrec_jax import ranking, sparse
@@ -77,11 +88,60 @@ def table_bytes(num_users: int, num_items: int) -> int:
   return 2 * 4 * num_users * num_items
 
 
+def draws_bytes(num_pairs: int, refresh_every: int, num_samples: int) -> int:
+  return 2 * 4 * num_pairs * refresh_every * num_samples
+
+
+SAMPLING_STATES = ("auto", "tables", "draws", "snapshot")
+
+
+def available_mb() -> float:
+  """Memory the default device has free, in MiB (GPU: its allocator's limit minus use; CPU: the
+  host's MemAvailable); inf when unknown."""
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+      return (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 2**20
+  except Exception:  # noqa: BLE001 (backends without memory_stats)
+    pass
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return float("inf")
+
+
+def choose_sampling_state(cfg, num_users: int, num_items: int, num_pairs: int, by_users: bool,
+                          free_mb: float | None = None) -> str:
+  """The sampling state `cfg.sampling_state` names, or for 'auto' the first of tables, draws
+  (pair batches with refresh_every >= 1) and snapshot whose memory fits in `table_budget_mb`
+  and in half of `free_mb` (default: `available_mb()`)."""
+  state = str(cfg.get("sampling_state", "auto"))
+  if state not in SAMPLING_STATES:
+    raise ValueError(f"sampling_state must be one of {SAMPLING_STATES}, got {state!r}")
+  can_draw = not by_users and int(cfg.refresh_every) >= 1
+  if state == "draws" and not can_draw:
+    raise ValueError("sampling_state='draws' needs pair-batched models and refresh_every >= 1")
+  if state != "auto":
+    return state
+  free = available_mb() if free_mb is None else free_mb
+  budget = min(float(cfg.table_budget_mb), free / 2) * 2**20
+  if table_bytes(num_users, num_items) <= budget:
+    return "tables"
+  if can_draw and draws_bytes(num_pairs, int(cfg.refresh_every), int(cfg.num_samples)) <= budget:
+    return "draws"
+  return "snapshot"
+
+
 POSITIVE_SCORES = ("rank", "zero")
 
 
 def user_ranks(models, train: sparse.DeviceCSR, num_items: int, mask_positives: bool, params,
-               users: jax.Array, positive_scores: str = "rank") -> tuple[jax.Array, jax.Array]:
+               users: jax.Array, positive_scores: str = "rank", rank_buckets: int = 0
+               ) -> tuple[jax.Array, jax.Array]:
   """(teacher's, student's) ranks [C, I] of all items for `users` [C] under `params`
   ({'teacher', 'student'}): 1 = best, 0 for the training positives when `mask_positives`.
 
@@ -89,20 +149,26 @@ def user_ranks(models, train: sparse.DeviceCSR, num_items: int, mask_positives: 
   'zero' as the public notebooks do, by output x (1 - train mask), so every positive scores 0 on
   the model's output scale: CDAE's outputs are sigmoid probabilities (positives last), the other
   models' are raw scores (positives where 0 falls, mid-list for BPR-MF).
+  `rank_buckets` > 0: `ranking.histogram_ranks` with that many bins instead of the exact sort.
   """
   if positive_scores not in POSITIVE_SCORES:
     raise ValueError(f"positive_scores must be one of {POSITIVE_SCORES}, got {positive_scores!r}")
   mask = sparse.row_mask(train, users, num_items) if (
       mask_positives or positive_scores == "zero") else None
 
+  def ranks_of(scores, exclude=None):
+    if rank_buckets:
+      return ranking.histogram_ranks(scores, exclude, rank_buckets)[0]
+    return ranking.ranks(scores, exclude)
+
   def rank(model, p):
     scores = model.score_all(p, users)
     if mask_positives:
-      return ranking.ranks(scores, mask)
+      return ranks_of(scores, mask)
     if positive_scores == "zero":
       out = jax.nn.sigmoid(scores) if model.name == "cdae" else scores
-      return ranking.ranks(jnp.where(mask, 0.0, out))
-    return ranking.ranks(scores)
+      return ranks_of(jnp.where(mask, 0.0, out))
+    return ranks_of(scores)
 
   return rank(models["teacher"], params["teacher"]), rank(models["student"], params["student"])
 
@@ -130,10 +196,16 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
   """BD for `models` = {'teacher': Model, 'student': Model} on `data` (Interactions); with
   `feedback`, BD's weights reweighted as it says (see `Feedback`)."""
   num_users, num_items = data.num_users, data.num_items
-  train = sparse.DeviceCSR.from_numpy(*data.split("train"))
-  use_tables = table_bytes(num_users, num_items) <= cfg.table_budget_mb * 2**20
+  indptr, indices = data.split("train")
+  train = sparse.DeviceCSR.from_numpy(indptr, indices)
   chunk = min(cfg.refresh_chunk, num_users)
   by_users = models["teacher"].batching == "users"
+  mode = choose_sampling_state(cfg, num_users, num_items, len(indices), by_users)
+  use_tables, use_draws = mode == "tables", mode == "draws"
+  logging.info("BD sampling state: %s", mode)
+  rank_buckets = int(cfg.get("rank_buckets", 0))
+  if rank_buckets < 0:
+    raise ValueError(f"rank_buckets must be >= 0 (0: exact ranks), got {rank_buckets}")
   positive_scores = str(cfg.get("positive_scores", "rank"))
   if positive_scores not in POSITIVE_SCORES:
     raise ValueError(f"positive_scores must be one of {POSITIVE_SCORES}, got {positive_scores!r}")
@@ -143,34 +215,66 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
 
   def ranks_for(snapshot, users):
     return user_ranks(models, train, num_items, cfg.mask_positives, snapshot, users,
-                      positive_scores)
+                      positive_scores, rank_buckets)
 
   def weights_for(snapshot, users):
     return discrepancy_weights(*ranks_for(snapshot, users), cfg.eps_t, cfg.eps_e, cfg.rank_sign)
 
+  n_chunks = -(-num_users // chunk)
+  if use_draws:  # the training pairs of each chunk of users: a contiguous range of the CSR
+    every, n = int(cfg.refresh_every), int(cfg.num_samples)
+    bounds = np.asarray(indptr, np.int64)[np.minimum(np.arange(n_chunks + 1) * chunk, num_users)]
+    pair_slots = max(int(np.max(np.diff(bounds))), 1)
+    bounds = jnp.asarray(bounds, jnp.int32)
+    pair_user = jnp.asarray(np.repeat(np.arange(num_users, dtype=np.int32), np.diff(indptr)))
+    num_pairs = len(indices)
+
+  def draw_pairs(keys, cdfs, first_user, start, end, buf):
+    """Writes the draws for the pairs [start, end) of the users from `first_user` into `buf`."""
+    slot = start + jnp.arange(pair_slots, dtype=jnp.int32)
+    inside = slot < end
+    slot = jnp.where(inside, slot, num_pairs)  # out of range: dropped by the scatter
+    rows = pair_user[jnp.minimum(slot, num_pairs - 1)] - first_user
+    out = []
+    for k, cdf, b in zip(keys, cdfs, buf):
+      items, valid = ranking.sample_from_cdf(ranking.per_user_keys(k, slot), cdf, rows,
+                                             every * n)
+      items = jnp.where(valid[:, None], items, -1).reshape(-1, every, n)
+      out.append(b.at[slot].set(items, mode="drop"))
+    return tuple(out)
+
   def refresh(static, snapshot, carry, key, epoch):
     del static  # BD's tables depend only on the two models (and the feedback's state)
-    if feedback is None and not use_tables:
+    if feedback is None and mode == "snapshot":
       return {"snapshot": snapshot}, carry
-    n_chunks = -(-num_users // chunk)
     users = jnp.arange(n_chunks * chunk, dtype=jnp.int32) % num_users
+    draw_keys = (jax.random.fold_in(key, 1 << 20), jax.random.fold_in(key, (1 << 20) + 1))
 
-    def one(u):  # user batches read weights; pair batches binary-search cumulative weights
+    def one(c, u, buf):  # user batches read weights; pair batches binary-search cumulative weights
       r_t, r_s = ranks_for(snapshot, u)
       w_s, w_t = discrepancy_weights(r_t, r_s, cfg.eps_t, cfg.eps_e, cfg.rank_sign)
       fb = out = None
       if feedback is not None:
         fb, out = feedback.rows(snapshot, carry, key, epoch, u, (r_t, r_s), (w_s, w_t))
         w_s, w_t = feedback.apply(fb, w_s, w_t)
+      if use_draws:
+        buf = draw_pairs(draw_keys, (ranking.weights_cdf(w_s), ranking.weights_cdf(w_t)),
+                         c * chunk, bounds[c], bounds[c + 1], buf)
+        return buf, (None, None, out)
       if not use_tables:
-        return None, fb, out
+        return buf, (None, fb, out)
       tables = (w_s, w_t) if by_users else (ranking.weights_cdf(w_s), ranking.weights_cdf(w_t))
-      return tables, None, out
+      return buf, (tables, None, out)
 
-    tables, fb, out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_users],
-                                   jax.lax.map(one, users.reshape(n_chunks, chunk)))
+    buf = ((jnp.zeros((num_pairs, every, n), jnp.int32),) * 2 if use_draws else None)
+    buf, rows = jax.lax.scan(lambda b, xs: one(*xs, b), buf,
+                             (jnp.arange(n_chunks), users.reshape(n_chunks, chunk)))
+    tables, fb, out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_users], rows)
     if use_tables:
       cache = {"table_student": tables[0], "table_teacher": tables[1]}
+    elif use_draws:
+      cache = {"draws_student": buf[0], "draws_teacher": buf[1],
+               "draws_epoch": jnp.asarray(epoch, jnp.int32)}
     else:
       cache = {"snapshot": snapshot, "feedback": fb}
     if feedback is not None:
@@ -196,6 +300,11 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
       draws = n * train.row_lengths[users]
       return {"student": ranking.draws_mask(k_s, w_s, draws),
               "teacher": ranking.draws_mask(k_t, w_t, draws)}
+    if use_draws:  # this pair's draws for this epoch of the period
+      r = jnp.clip(view["epoch"] - state["draws_epoch"], 0, cfg.refresh_every - 1)
+      s, t = (state[f"draws_{m}"][batch["example"], r] for m in ("student", "teacher"))
+      return {"student": (jnp.maximum(s, 0), s[:, 0] >= 0),
+              "teacher": (jnp.maximum(t, 0), t[:, 0] >= 0)}
     if use_tables:
       s = ranking.sample_from_cdf(k_s, state["table_student"], users, n)
       t = ranking.sample_from_cdf(k_t, state["table_teacher"], users, n)

@@ -257,7 +257,8 @@ def make(cfg, models, data) -> Method:
     prev_d = None
     if strict:  # d^(r-1): re-rank with the previous refresh's params
       p_t, p_s = bd.user_ranks(models, train, num_items, cfg.mask_positives, carry["prev"],
-                               users, str(cfg.get("positive_scores", "rank")))
+                               users, str(cfg.get("positive_scores", "rank")),
+                               int(cfg.get("rank_buckets", 0)))
       p_d = bd.discrepancy(p_t, p_s, cfg.rank_sign).astype(f32)
       prev_d = {"student": p_d, "teacher": -p_d}
       keep_prev = (p_t > 0) & (p_s > 0)

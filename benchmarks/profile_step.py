@@ -1,0 +1,86 @@
+r"""Where a training epoch's time goes on this machine: the BD config's warm-up and BD epochs timed
+whole and with parts taken away, and the compiled epoch's kernel count.
+
+  python -m benchmarks.profile_step [--config configs/bd_bpr_citeulike.py] [--repeats 3] \
+      [--out benchmarks/results/profile_cpu.json]
+
+Rows (each the median of `repeats` epochs after one compiling epoch):
+- `<phase>_adam`: the epoch as the config runs it (Adam over both models' full tables);
+- `<phase>_sgd`: the same epoch with plain SGD (no moment tables): the difference is the cost
+  of the dense Adam update over every embedding row at every step;
+- `<phase>_no_update`: gradients computed, parameters left unchanged (`optax.set_to_zero`):
+  what sampling, the forward and backward passes cost;
+- `empty_scan`: the epoch's `lax.scan` over the same batches with a step that only counts
+  (the loop's own overhead);
+- `<phase>_kernels`: fusions/custom calls in the compiled epoch's HLO (per-step kernels, about).
+"""
+import re
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import optax
+
+from benchmarks.common import median_time, write_report
+from kdrec_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bd_bpr_citeulike.py",
+                                          "Config file.", lock_config=False)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per row.")
+_OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  exp = train.Experiment(cfg)
+  rows = {}
+  rep = jax.sharding.NamedSharding(exp.mesh, jax.P())
+  for name, pcfg, phase in (("warmup", cfg.warmup, train.Phase("warmup", train.MODELS, False)),
+                            ("bd", cfg.distill, train.Phase("distill", train.MODELS, True))):
+    adam = exp.optimizers(pcfg, phase.train)
+    for variant, opts in (("adam", adam),
+                          ("sgd", {m: optax.sgd(1e-3) for m in adam}),
+                          ("no_update", {m: optax.set_to_zero() for m in adam})):
+      state = train.init_state(exp.key, exp.models, opts, exp.method)
+      if phase.distill:
+        state["hparams"] = exp.hparams()
+        state["cache"], _ = exp.refresh({}, {m: state[m]["params"] for m in train.MODELS}, {},
+                                        jax.random.key(0), 0)
+      holder = {"state": jax.device_put(state, rep)}
+      step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
+                                   exp.data.num_items)
+      epoch, steps = train.make_epoch(step, exp.mesh, exp.num_examples, cfg.batch_size)
+      if variant == "adam":
+        hlo = epoch.lower(holder["state"], exp.examples, jax.random.key(0)).compile().as_text()
+        rows[f"{name}_kernels"] = len(re.findall(r"^\s*\S+ = \S+ (?:fusion|custom-call)\(",
+                                                 hlo, re.M))
+      counter = iter(range(10**6))
+
+      def run():
+        holder["state"], m = epoch(holder["state"], exp.examples, jax.random.key(next(counter)))
+        return m
+
+      rows[f"{name}_{variant}"] = median_time(run, _REPEATS.value)
+    rows["steps_per_epoch"] = steps
+
+  def count_step(state, batch, key):
+    del key
+    return dict(state, step=state["step"] + 1), {"examples": jnp.sum(batch["weight"])}
+
+  epoch, _ = train.make_epoch(count_step, exp.mesh, exp.num_examples, cfg.batch_size)
+  holder = {"state": jax.device_put({"step": jnp.zeros((), jnp.int32),
+                                     "epoch": jnp.zeros((), jnp.int32)}, rep)}
+
+  def run_empty():
+    holder["state"], m = epoch(holder["state"], exp.examples, jax.random.key(0))
+    return m
+
+  rows["empty_scan"] = median_time(run_empty, _REPEATS.value)
+  write_report(rows, exp.data, _REPEATS.value, _OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
