@@ -30,9 +30,10 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import PartitionSpec as P
 
-from kdrec_jax import faults, optim, ranking, sparse
+from kdrec_jax import faults, ranking, sparse
 from kdrec_jax.parallel import AXIS
 
 MODELS = ("teacher", "student")
@@ -46,11 +47,12 @@ class Phase:
   distill: bool           # whether the method's loss (and sampler) is on
 
 
-def make_optimizer(opt_cfg, max_rows: int = 1024):
-  """Adam with coupled L2 weight decay (decay added to the gradient, as torch's Adam does), or
-  with `optimizer='lazy_adam'` its row-sparse form (`kdrec_jax.optim`; tables with more than
-  `max_rows` rows, `opt_cfg.lazy_max_rows` if set, updated only where the gradient is non-zero)."""
-  return optim.make(opt_cfg, int(opt_cfg.get("lazy_max_rows", 0) or max_rows))
+def make_optimizer(opt_cfg) -> optax.GradientTransformation:
+  """Adam with coupled L2 weight decay (decay added to the gradient, as torch's Adam does)."""
+  adam = optax.adam(opt_cfg.lr)
+  if opt_cfg.weight_decay:
+    return optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay), adam)
+  return adam
 
 
 def init_state(key, models, optimizers, method=None) -> dict:
@@ -162,9 +164,10 @@ def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.
     reduce = (lambda f, x: f(x, AXIS)) if scale > 1 else (lambda f, x: x)
     for learner in phase.train:
       g = reduce(jax.lax.pmean, grads[learner])
-      params, opt = optim.apply(optimizers[learner], g, state[learner]["opt"],
-                                state[learner]["params"])
-      new_state[learner] = {"params": params, "opt": opt}
+      updates, opt = optimizers[learner].update(g, state[learner]["opt"],
+                                                state[learner]["params"])
+      new_state[learner] = {"params": optax.apply_updates(state[learner]["params"], updates),
+                            "opt": opt}
     if phase.distill and method.update_carry is not None:
       new_state["carry"] = method.update_carry(state["carry"], ctx, samples)
     metrics = reduce(jax.lax.psum, dict(aux, examples=jnp.sum(weight)))
@@ -472,10 +475,7 @@ class Experiment:
       if learner == "method":
         return phase_cfg.get("method", None) or phase_cfg.student
       return phase_cfg[learner]
-    # Rows one step can touch per table: a batch's users, or its positives, negatives and a few
-    # sampled items per pair (row-sparse Adam falls back to a dense step beyond this).
-    rows = 8 * int(self.config.batch_size) + 64
-    return {learner: make_optimizer(cfg(learner), rows) for learner in learners}
+    return {learner: make_optimizer(cfg(learner)) for learner in learners}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,29 +121,6 @@ def test_pre_drawn_bd_epoch_4_devices_matches_1(citeulike_file):
   assert float(m1["valid_student"]) == float(m1["valid_teacher"]) == exp.data.num_train
 
 
-def test_row_sparse_adam_in_the_train_step(citeulike_file):
-  """`optimizer='lazy_adam'`: a warm-up epoch trains both models with the row-sparse Adam; an
-  item no step touched (no training pair, never a negative) keeps its initial embedding."""
-  from conftest import quick_config
-  from kdrec_jax import optim
-  cfg = quick_config(citeulike_file, num_devices=1, warmup__teacher__optimizer="lazy_adam",
-                     warmup__student__optimizer="lazy_adam")
-  exp = train.Experiment(cfg)
-  opts = exp.optimizers(cfg.warmup, MODELS)
-  assert all(isinstance(o, optim.RowSparse) for o in opts.values())
-  state0 = train.init_state(exp.key, exp.models, opts)
-  step = train.make_train_step(train.Phase("warmup", MODELS, False), exp.models, exp.method,
-                               opts, exp.train_csr, exp.data.num_items)
-  epoch, steps = train.make_epoch(step, train.make_mesh(1), exp.num_examples, cfg.batch_size)
-  state, m = _np(epoch(_copy(state0), exp.examples, jax.random.key(3)))
-  assert np.isfinite(float(m["loss_teacher"])) and int(state["teacher"]["opt"]["count"]) == steps
-  moved = np.any(state["student"]["params"]["item"]
-                 != np.asarray(state0["student"]["params"]["item"]), axis=1)
-  untouched = ~np.any(state["student"]["opt"]["nu"]["item"] != 0, axis=1)
-  assert moved.sum() > 0.5 * len(moved)
-  np.testing.assert_array_equal(moved, ~untouched)  # exactly the rows with a gradient moved
-
-
 def _cdae_config(citeulike_file, **overrides):
   from conftest import quick_config
   cfg = quick_config(citeulike_file, **overrides)
