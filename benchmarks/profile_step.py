@@ -8,8 +8,8 @@ Rows (each the median of `repeats` epochs after one compiling epoch):
 - `<phase>_adam`: the epoch as the config runs it (Adam over both models' full tables);
 - `<phase>_sgd`: the same epoch with plain SGD (no moment tables): the difference is the cost
   of the dense Adam update over every embedding row at every step;
-- `<phase>_no_update`: gradients computed, parameters left unchanged (`optax.set_to_zero`):
-  what sampling, the forward and backward passes cost;
+- `<phase>_no_update`: parameters left unchanged (`optax.set_to_zero`), so the unused gradient
+  is compiled away: what sampling and the forward pass cost;
 - `empty_scan`: the epoch's `lax.scan` over the same batches with a step that only counts
   (the loop's own overhead);
 - `<phase>_kernels`: fusions/custom calls in the compiled epoch's HLO (per-step kernels, about).

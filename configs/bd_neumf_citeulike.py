@@ -11,7 +11,8 @@ Quick CPU variant (the schedule of `bd_bpr_citeulike.py:quick`):
 
 Everything except the models (data, optimizers, BD settings, evaluation) is inherited from
 configs/bd_bpr_citeulike.py. NeuMF: MLP layers (2d, d) with ReLU, embeddings N(0, 0.01), items
-scored in chunks of `item_chunk` when ranking all items.
+scored in chunks of `item_chunk` when ranking all items (the teacher's MLP; the student's is
+computed elementwise, see kdrec_jax/models/neumf.py).
 """
 import ml_collections
 
@@ -21,7 +22,7 @@ from configs import bd_bpr_citeulike
 def _neumf(dim: int, mlp_dim: int):
   return ml_collections.ConfigDict(dict(
       name="neumf", dim=dim, mlp_dim=mlp_dim, mlp_layers=(2 * dim, dim), init_std=0.01,
-      item_chunk=4096))
+      item_chunk=32))
 
 
 def get_config(arg: str = ""):

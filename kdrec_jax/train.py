@@ -134,10 +134,13 @@ def make_train_step(phase: Phase, models, method, optimizers, train_csr: sparse.
     scale = jax.lax.axis_size(AXIS)
 
     def loss_fn(params):
-      # What the losses read: the params (pair models) or one training-mode forward per user.
+      # What the losses read: the params, prepared once (pair models; LightGCN: propagated once
+      # for all its losses), or one training-mode forward per user.
       out = dict(params)
       if by_users:
         out.update({m: models[m].forward(params[m], users, k_fwd[m]) for m in needed})
+      else:
+        out.update({m: models[m].prepare(params[m]) for m in needed if m in params})
       losses, aux = {}, {}
       for m in own:
         if by_users:

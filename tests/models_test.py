@@ -1,8 +1,10 @@
 """Tests for kdrec_jax.models: shapes, hand-checked forwards (NeuMF, LightGCN, CDAE), gradients of
-cf_loss against finite differences, score_all vs score, a short training run on a real CiteULike
-sample against popularity, and the BD launcher end to end with each new model."""
+cf_loss against finite differences, score_all vs score (both NeuMF paths), `prepare` (LightGCN
+propagates once per train step), a short training run on a real CiteULike sample against
+popularity, and the BD launcher end to end with each new model."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -317,6 +319,114 @@ def test_score_all_matches_score(name, overrides, tiny):
   np.testing.assert_allclose(np.asarray(jax.jit(model.score_all)(params, users)),
                              np.asarray(model.score(params, users, all_items)), rtol=1e-5,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("max_macs", [0, 10**9])  # NeuMF's matmul and elementwise MLP paths
+def test_neumf_score_all_paths_match_score(max_macs, tiny, monkeypatch):
+  monkeypatch.setattr(neumf, "ELEMENTWISE_MAX_MACS", max_macs)
+  monkeypatch.setattr(neumf, "USER_BLOCK", 3)  # 4 users: a padded last block
+  params = _tiny_model("neumf", tiny).init(jax.random.key(4))
+  rng = np.random.default_rng(1)  # non-zero biases so every term is exercised
+  params["mlp"] = [dict(layer, b=jnp.asarray(rng.normal(0, 0.3, layer["b"].shape), jnp.float32))
+                   for layer in params["mlp"]]
+  params["out"]["b"] = jnp.float32(-0.4)
+  users = jnp.array([5, 0, 3, 3], jnp.int32)
+  all_items = jnp.broadcast_to(jnp.arange(tiny.num_items, dtype=jnp.int32),
+                               (len(users), tiny.num_items))
+  want = np.asarray(neumf.score(params, users, all_items))
+  for chunk in (3, 8, 100):
+    got = jax.jit(functools.partial(neumf.score_all, item_chunk=chunk))(params, users)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6, err_msg=str(chunk))
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare: one LightGCN propagation per train step
+# ---------------------------------------------------------------------------------------------
+
+def test_prepare_is_identity_except_lightgcn(tiny):
+  for name in ("bpr_mf", "neumf", "cdae"):
+    model = _tiny_model(name, tiny)
+    params = model.init(jax.random.key(0))
+    assert model.prepare(params) is params, name
+
+
+@pytest.mark.parametrize("batch_l2", [0.0, 0.3])
+def test_lightgcn_prepared_params_give_the_same_results_and_gradients(batch_l2, tiny):
+  model = _tiny_model("lightgcn", tiny, batch_l2=batch_l2)
+  params = model.init(jax.random.key(6))
+  prepared = jax.jit(model.prepare)(params)
+  assert set(prepared) == {"user", "item", "prop_user", "prop_item"}
+  for k in ("user", "item"):  # layer 0 kept (what batch_l2 reads)
+    np.testing.assert_array_equal(np.asarray(prepared[k]), np.asarray(params[k]))
+  users = jnp.array([0, 2, 5, 5], jnp.int32)
+  pos = jnp.array([1, 4, 2, 6], jnp.int32)
+  neg = jnp.array([7, 0, 3, 0], jnp.int32)
+  weight = jnp.array([1.0, 0.5, 2.0, 0.0])
+
+  def calls(p):
+    return (model.score(p, users, pos), model.score(p, users, jnp.stack([pos, neg], -1)),
+            model.score_all(p, users), model.representations(p, users, neg),
+            model.cf_loss(p, users, pos, neg, weight))
+
+  want, got = jax.jit(calls)(params), jax.jit(calls)(prepared)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+  loss = lambda p: model.cf_loss(p, users, pos, neg, weight)  # noqa: E731
+  g_plain = jax.jit(jax.grad(loss))(params)
+  g_prepared = jax.jit(jax.grad(lambda p: loss(model.prepare(p))))(params)
+  assert set(g_prepared) == {"user", "item"}
+  for k in ("user", "item"):
+    assert np.abs(np.asarray(g_plain[k])).max() > 0
+    np.testing.assert_allclose(np.asarray(g_prepared[k]), np.asarray(g_plain[k]), rtol=1e-5,
+                               atol=1e-7, err_msg=k)
+
+
+def test_lightgcn_bd_step_propagates_once_per_model(citeulike_file, monkeypatch):
+  """Tracing one BD train step with LightGCN teacher and student: two propagations (one per
+  model) with `prepare`, more without it (each model's own loss and BD's scoring of both);
+  one step gives the same losses and params either way."""
+  cfg = load_config_module(os.path.join(REPO_ROOT, "configs", "bd_lightgcn_citeulike.py")
+                           ).get_config("quick")
+  cfg.data.path, cfg.num_devices, cfg.batch_size = citeulike_file, 1, 32
+  cfg.teacher.dim, cfg.student.dim = 8, 3
+  exp = train.Experiment(cfg)
+  opts = exp.optimizers(cfg.distill)
+  state = train.init_state(exp.key, exp.models, opts, exp.method)
+  state["hparams"] = exp.hparams()
+  state["cache"], state["carry"] = exp.refresh(
+      {}, {m: state[m]["params"] for m in train.MODELS}, {}, jax.random.key(0), 0)
+  idx = np.arange(32)
+  batch = {"user": exp.examples["user"][idx], "pos": exp.examples["pos"][idx],
+           "index": jnp.arange(32, dtype=jnp.int32), "weight": jnp.ones(32, jnp.float32)}
+  phase, mesh = train.Phase("distill", train.MODELS, True), train.make_mesh(1)
+  calls = {"n": 0}
+  propagate = lightgcn.propagate
+
+  def counting(*args, **kwargs):
+    calls["n"] += 1
+    return propagate(*args, **kwargs)
+
+  monkeypatch.setattr(lightgcn, "propagate", counting)
+  counts, results = {}, {}
+  for variant in ("prepared", "plain"):
+    ms = dict(exp.models)
+    if variant == "plain":
+      ms = {m: model._replace(prepare=lambda p: p) for m, model in ms.items()}
+    step = train.make_train_step(phase, ms, exp.method, opts, exp.train_csr, exp.data.num_items)
+    calls["n"] = 0
+    fn = jax.jit(train.shard(step, mesh))
+    results[variant] = jax.device_get(fn(state, batch, jax.random.key(1)))
+    counts[variant] = calls["n"]
+  print(f"propagations traced per step: {counts}")
+  assert counts["prepared"] == 2 < counts["plain"], counts
+  (s_a, m_a), (s_b, m_b) = results["prepared"], results["plain"]
+  assert float(m_a["bd_student"]) > 0
+  for k in m_b:
+    np.testing.assert_allclose(np.asarray(m_a[k]), np.asarray(m_b[k]), rtol=1e-5, err_msg=k)
+  for m in train.MODELS:
+    for k in ("user", "item"):
+      np.testing.assert_allclose(s_a[m]["params"][k], s_b[m]["params"][k], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"{m}.{k}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ from kdrec_jax.models import bpr_mf, cdae, lightgcn, neumf
 NAMES = ("bpr_mf", "neumf", "lightgcn", "cdae")
 
 
+def _identity(params):
+  return params
+
+
 class Model(NamedTuple):
   """A base model as a bundle of pure functions.
 
@@ -29,8 +33,12 @@ class Model(NamedTuple):
       forward(params, users [B], keys [B]) -> training-mode logits [B, I] (e.g. with dropout),
       cf_loss(logits, pos_mask [B, I], neg_mask [B, I], weight [B]) -> scalar, with
       `num_negatives` sampled negatives per positive in `neg_mask`.
+  prepare(params) -> params': done once per train step on the params the losses of a pair batch
+    read; every function above gives the same results and gradients on `prepare(params)` as on
+    `params` (identity, except LightGCN: the propagated embeddings added, so one propagation
+    serves every call).
   Teacher and student of one run share the batching; the distillation methods read the same
-  outputs (params for 'pairs', the forward's logits for 'users').
+  outputs (params, prepared, for 'pairs'; the forward's logits for 'users').
   `batch_l2` (BPR-MF, LightGCN) adds c/2 * sum_b w_b (|e_u|^2 + |e_i|^2 + |e_j|^2) over the
   batch's rows of the layer-0 tables to `cf_loss`, the LightGCN/UnKD code's regulariser (their
   `decay` with a mean loss is c with this library's summed one).
@@ -44,6 +52,7 @@ class Model(NamedTuple):
   batching: str = "pairs"
   forward: Optional[Callable] = None
   num_negatives: int = 1
+  prepare: Callable = _identity
 
 
 def _with_batch_l2(model: Model, coef: float) -> Model:
@@ -75,7 +84,7 @@ def _make(cfg, num_users: int, num_items: int, data=None) -> Model:
   """Builds the model named by `cfg.name` (one of `NAMES`) with the sizes in `cfg`.
 
   bpr_mf: dim, init_std (0.1). neumf: dim, mlp_dim (dim), mlp_layers ((2 dim, dim)), init_std
-  (0.01), item_chunk (4096). lightgcn: dim, num_layers (2), init_std (0.1); needs `data`.
+  (0.01), item_chunk (32). lightgcn: dim, num_layers (2), init_std (0.1); needs `data`.
   cdae: dim (hidden size), dropout (0.5), num_negatives (5 per positive), init_std (1.0, the user
   embedding's); needs `data`.
 
@@ -97,7 +106,7 @@ def _make(cfg, num_users: int, num_items: int, data=None) -> Model:
                                dim=cfg.dim, mlp_dim=mlp_dim, mlp_layers=layers,
                                init_std=cfg.get("init_std", 0.01)),
         score=neumf.score,
-        score_all=functools.partial(neumf.score_all, item_chunk=cfg.get("item_chunk", 4096)),
+        score_all=functools.partial(neumf.score_all, item_chunk=cfg.get("item_chunk", 32)),
         representations=neumf.representations, cf_loss=neumf.cf_loss)
   if cfg.name == "lightgcn":
     data = _graph_data(cfg, data, num_users, num_items)
@@ -109,7 +118,8 @@ def _make(cfg, num_users: int, num_items: int, data=None) -> Model:
         init=functools.partial(lightgcn.init, num_users=num_users, num_items=num_items,
                                dim=cfg.dim, init_std=cfg.get("init_std", 0.1)),
         score=bind(lightgcn.score), score_all=bind(lightgcn.score_all),
-        representations=bind(lightgcn.representations), cf_loss=bind(lightgcn.cf_loss))
+        representations=bind(lightgcn.representations), cf_loss=bind(lightgcn.cf_loss),
+        prepare=bind(lightgcn.prepare))
   if cfg.name == "cdae":
     data = _graph_data(cfg, data, num_users, num_items)
     train = sparse.DeviceCSR.from_numpy(*data.split("train"))

@@ -6,7 +6,9 @@ embedding is the mean of layers 0..L. The graph is built once (`build_graph`) as
 bound to the functions by `make`; propagation is two segment sums per layer (no dense U x I).
 
 Parameters are a plain pytree {'user': [U, d], 'item': [I, d]} (layer 0); every function here is
-pure and propagates from the params it is given.
+pure and propagates from the params it is given, unless they are `prepare`d: then they also hold
+the propagated embeddings ('prop_user', 'prop_item'), which the functions read instead, so that
+a train step calling several of them propagates once.
 """
 from __future__ import annotations
 
@@ -49,10 +51,25 @@ def propagate(params, graph: dict, num_layers: int):
   return sum_u / (num_layers + 1), sum_i / (num_layers + 1)
 
 
+def prepare(params, *, graph: dict, num_layers: int):
+  """`params` with the propagated embeddings added as 'prop_user' [U, d] and 'prop_item' [I, d]
+  (recomputed from the layer-0 'user', 'item', which are kept). Every function here gives the same
+  result, and the same gradient with respect to `params`, on the prepared dict."""
+  eu, ei = propagate(params, graph, num_layers)
+  return dict(params, prop_user=eu, prop_item=ei)
+
+
+def _final(params, graph: dict, num_layers: int):
+  """The propagated (user, item) embeddings: the prepared ones, if any, else propagated now."""
+  if "prop_user" in params:
+    return params["prop_user"], params["prop_item"]
+  return propagate(params, graph, num_layers)
+
+
 def score(params, users: jax.Array, items: jax.Array, *, graph: dict, num_layers: int
           ) -> jax.Array:
   """Scores of (user, item) pairs; `users` [B] against `items` [B] or [B, n]."""
-  eu, ei = propagate(params, graph, num_layers)
+  eu, ei = _final(params, graph, num_layers)
   p, q = eu[users], ei[items]
   if items.ndim == users.ndim + 1:
     return jnp.einsum("bd,bnd->bn", p, q)
@@ -61,20 +78,20 @@ def score(params, users: jax.Array, items: jax.Array, *, graph: dict, num_layers
 
 def score_all(params, users: jax.Array, *, graph: dict, num_layers: int) -> jax.Array:
   """Scores of a chunk of users against every item: [C, I]."""
-  eu, ei = propagate(params, graph, num_layers)
+  eu, ei = _final(params, graph, num_layers)
   return eu[users] @ ei.T
 
 
 def representations(params, users: jax.Array, items: jax.Array, *, graph: dict,
                     num_layers: int):
   """The propagated (user, item) embeddings."""
-  eu, ei = propagate(params, graph, num_layers)
+  eu, ei = _final(params, graph, num_layers)
   return eu[users], ei[items]
 
 
 def cf_loss(params, users: jax.Array, pos: jax.Array, neg: jax.Array, weight: jax.Array, *,
             graph: dict, num_layers: int) -> jax.Array:
   """Summed BPR loss on the propagated embeddings (one propagation for both terms)."""
-  eu, ei = propagate(params, graph, num_layers)
+  eu, ei = _final(params, graph, num_layers)
   p = eu[users]
   return bpr_loss(jnp.sum(p * ei[pos], axis=-1), jnp.sum(p * ei[neg], axis=-1), weight)

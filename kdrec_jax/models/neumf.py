@@ -8,9 +8,12 @@ Parameters are a plain pytree:
    'mlp': [{'w': [in, out], 'b': [out]}, ...], 'out': {'w': [d + h_last], 'b': []}}
 The first MLP weight is applied as W_0 = [W_u; W_i] to the two halves separately, so
 `score_all` never builds the [users, items, 2m] concatenation. Every function here is pure.
+Ranking all items with `score_all` costs the MLP for every (user, item) pair: for layers (100, 50)
+10^4 FLOP per pair in the second layer's matmul, which bounds its time.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -47,14 +50,20 @@ def _first_layer_parts(params, users: jax.Array, items: jax.Array):
   return user_part, item_part
 
 
-def _fuse(params, gmf_user, gmf_item, user_part, item_part):
-  """Logits from per-user and per-item terms that broadcast against each other."""
-  h = jax.nn.relu(user_part + item_part)
+def _mlp_term(params, pre):
+  """The MLP tower's share of the logits, w_h^T h, from first-layer pre-activations [..., h0]."""
+  h = jax.nn.relu(pre)
   for layer in params["mlp"][1:]:
     h = jax.nn.relu(h @ layer["w"] + layer["b"])
+  return h @ params["out"]["w"][params["gmf_user"].shape[-1]:]
+
+
+def _fuse(params, gmf_user, gmf_item, user_part, item_part):
+  """Logits from per-user and per-item terms that broadcast against each other."""
   d = gmf_user.shape[-1]
   w = params["out"]["w"]
-  return (jnp.sum((gmf_user * w[:d]) * gmf_item, axis=-1) + h @ w[d:] + params["out"]["b"])
+  return (jnp.sum((gmf_user * w[:d]) * gmf_item, axis=-1)
+          + _mlp_term(params, user_part + item_part) + params["out"]["b"])
 
 
 def score(params, users: jax.Array, items: jax.Array) -> jax.Array:
@@ -66,28 +75,66 @@ def score(params, users: jax.Array, items: jax.Array) -> jax.Array:
   return _fuse(params, gmf_user, gmf_item, user_part, item_part)
 
 
-def score_all(params, users: jax.Array, item_chunk: int = 4096) -> jax.Array:
-  """Scores of a chunk of users against every item: [C, I], in item chunks of `item_chunk`.
+# `score_all` computes an MLP elementwise when its hidden layers after the first need at most this
+# many multiply-adds per (user, item) pair (layers (2d, d) up to d = 22); larger ones use matmuls.
+ELEMENTWISE_MAX_MACS = 1024
+USER_BLOCK = 16  # users per step of the elementwise MLP
 
-  Intermediate memory is O(C * item_chunk * hidden): items are scored chunk by chunk with
-  `lax.map` (the last chunk padded).
+
+def score_all(params, users: jax.Array, item_chunk: int = 32) -> jax.Array:
+  """Scores of a chunk of users against every item: [C, I].
+
+  The GMF term is one [C, d] x [d, I] matmul. The MLP term of a small MLP (`ELEMENTWISE_MAX_MACS`)
+  is computed elementwise, one [USER_BLOCK, I] plane per hidden unit, which XLA fuses into one loop
+  with no per-pair activations in memory (with matmuls, layers this narrow run at a few GFLOP/s on
+  CPU). A larger MLP is a chain of matmuls over item chunks of `item_chunk` (`lax.map`, the last
+  chunk padded): intermediate memory O(C * item_chunk * hidden); keep C * item_chunk ~ 10^4 so the
+  activations stay in cache.
   """
-  num_items = params["gmf_item"].shape[0]
+  d = params["gmf_user"].shape[-1]
+  gmf = (params["gmf_user"][users] * params["out"]["w"][:d]) @ params["gmf_item"].T
+  macs = sum(layer["w"].shape[0] * layer["w"].shape[1] for layer in params["mlp"][1:])
+  if macs <= ELEMENTWISE_MAX_MACS:
+    mlp = _mlp_elementwise(params, users)
+  else:
+    mlp = _mlp_chunked(params, users, item_chunk)
+  return gmf + mlp + params["out"]["b"]
+
+
+def _mlp_elementwise(params, users: jax.Array) -> jax.Array:
+  """MLP term [C, I], unit by unit on [block, I] planes, mapped over blocks of users."""
+  num_items, c = params["mlp_item"].shape[0], users.shape[0]
+  block = min(USER_BLOCK, c)
+  n_blocks = -(-c // block)
+  padded = users[jnp.arange(n_blocks * block) % c]  # padding repeats users
+  user_part, item_part = _first_layer_parts(params, padded, jnp.arange(num_items))
+  item_part = item_part.T  # [h0, I]
+  w_out = params["out"]["w"][params["gmf_user"].shape[-1]:]
+
+  def dot(w, h):  # sum_k w[k] h[k] over a list of planes
+    return functools.reduce(lambda acc, k: acc + w[k] * h[k], range(1, len(h)), w[0] * h[0])
+
+  def one_block(u):  # [block, h0]
+    h = [jax.nn.relu(u[:, k, None] + item_part[k]) for k in range(u.shape[-1])]
+    for layer in params["mlp"][1:]:
+      h = [jax.nn.relu(dot(layer["w"][:, j], h) + layer["b"][j])
+           for j in range(layer["w"].shape[1])]
+    return dot(w_out, h)
+
+  out = jax.lax.map(one_block, user_part.reshape(n_blocks, block, -1))  # [n_blocks, block, I]
+  return out.reshape(n_blocks * block, num_items)[:c]
+
+
+def _mlp_chunked(params, users: jax.Array, item_chunk: int) -> jax.Array:
+  """MLP term [C, I] with matmuls, in item chunks of `item_chunk`."""
+  num_items = params["mlp_item"].shape[0]
   chunk = max(1, min(int(item_chunk), num_items))
   n_chunks = -(-num_items // chunk)
-  pad = n_chunks * chunk - num_items
   items = jnp.arange(n_chunks * chunk, dtype=jnp.int32) % num_items  # padding repeats items
   user_part, item_part = _first_layer_parts(params, users, items)
-  gmf_user, gmf_item = params["gmf_user"][users], params["gmf_item"][items]
-
-  def one_chunk(xs):
-    g_i, a_i = xs  # [chunk, d], [chunk, h0]
-    return _fuse(params, gmf_user[:, None], g_i[None], user_part[:, None], a_i[None])
-
-  out = jax.lax.map(one_chunk, (gmf_item.reshape(n_chunks, chunk, -1),
-                                item_part.reshape(n_chunks, chunk, -1)))  # [n_chunks, C, chunk]
-  out = jnp.moveaxis(out, 0, 1).reshape(users.shape[0], n_chunks * chunk)
-  return out[:, :num_items] if pad else out
+  out = jax.lax.map(lambda a_i: _mlp_term(params, user_part[:, None] + a_i[None]),
+                    item_part.reshape(n_chunks, chunk, -1))  # [n_chunks, C, chunk]
+  return jnp.moveaxis(out, 0, 1).reshape(users.shape[0], n_chunks * chunk)[:, :num_items]
 
 
 def representations(params, users: jax.Array, items: jax.Array):
