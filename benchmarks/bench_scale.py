@@ -7,7 +7,8 @@ The data: item popularity Zipf-like (p_i ∝ (i + 1)^-alpha, alpha 0.8), user ac
 with the given mean (at least 3 items), items of a user distinct. The run: the BPR-MF BD config
 (`configs/bd_bpr_citeulike.py`, teacher d 50, student d 5) with the given batch, its sampling state
 chosen as `launch.train` would (or forced). Rows: one rank refresh of both models, BD epochs
-(seconds and training pairs per second), and the process's peak resident memory. The first
+(seconds and training pairs per second), and the process's peak resident memory (on an
+accelerator also the device's peak). The first
 epoch's and refresh's time include compilation; both are also reported after it.
 """
 import resource
@@ -103,6 +104,9 @@ def main(argv):
   rows["examples_per_s"] = data.num_train / rows["epoch_s"]
   rows["valid_draws_share"] = float(m["valid_student"]) / float(m["examples"])
   rows["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:  # accelerators: the device's own peak
+    rows["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
   write_report(rows, data, 1, _OUT.value)
 
 

@@ -9,6 +9,8 @@
 #   models: benchmark rows for NeuMF, LightGCN and CDAE
 #   full_cdae, full_neumf, full_lightgcn: that model's whole schedule with the control
 #   kd:     teacher->student rows (python3 -m benchmarks.bench_kd), every method
+#   fast:   the BPR-MF rows with pre-drawn samples and histogram ranks; the step profile
+#   scale:  BD beyond the table budget on a synthetic 1,000,000 x 200,000 catalogue
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -39,6 +41,14 @@ for what in "$@"; do
             done ;;
     kd) python3 -m benchmarks.bench_kd --repeats 3 --out "$OUT/bench_kd_gpu.json" 2>&1 \
           | grep -v "^[IW]1" | grep -v '^ ' | tail -12 ;;
+    fast) python3 -m benchmarks.bench_bd --repeats 3 --config.method.sampling_state=draws \
+            --config.method.rank_buckets=8192 --out "$OUT/bench_gpu_draws_hist.json" 2>&1 \
+            | grep -v "^[IW]1" | tail -14
+          python3 -m benchmarks.profile_step --repeats 3 --out "$OUT/profile_gpu.json" 2>&1 \
+            | grep -v "^[IW]1" | tail -16 ;;
+    scale) python3 -m benchmarks.bench_scale --users 1000000 --items 200000 --pairs_per_user 20 \
+             --batch 8192 --rank_buckets 8192 --epochs 2 --refreshes 2 --table_budget_mb 16000 \
+             --out "$OUT/scale_1m_200k_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -24 ;;
     *) echo "unknown section $what" >&2; exit 2 ;;
   esac
 done

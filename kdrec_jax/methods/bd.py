@@ -37,7 +37,7 @@ Three ways to keep the sampling state (`sampling_state`, 'auto' picks the first 
 occupancy of the item's bin; the exact sort otherwise).
 
 `make(..., feedback=Feedback(...))` reweights these weights by state built at each refresh (iBD,
-`kdrec_jax.methods.ibd`), in both ways of keeping the sampling state; the sampler and the loss
+`kdrec_jax.methods.ibd`), in all three forms of the sampling state; the sampler and the loss
 are BD's. Without it BD is unchanged.
 """
 from __future__ import annotations
@@ -183,9 +183,9 @@ class Feedback(NamedTuple):
   apply(fb, w_student, w_teacher) -> (w_student, w_teacher): the reweighted weights [C, I].
   finish(snapshot, carry, epoch, out) -> (cache, carry): entries added to the refresh's cache
     (out: [U, ...]) and the carry the period starts with.
-  With sampling tables, `apply` runs inside the refresh and the tables hold the reweighted
-  weights; over the table budget the cache keeps `fb` for all users ('feedback', [U, ...]) and
-  each step applies it to its users' weights.
+  With sampling tables or pre-drawn samples, `apply` runs inside the refresh and the tables or
+  draws come from the reweighted weights; in snapshot mode the cache keeps `fb` for all users
+  ('feedback', [U, ...]) and each step applies it to its users' weights.
   """
   rows: Callable
   apply: Callable
