@@ -226,7 +226,7 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
     bounds = np.asarray(indptr, np.int64)[np.minimum(np.arange(n_chunks + 1) * chunk, num_users)]
     pair_slots = max(int(np.max(np.diff(bounds))), 1)
     bounds = jnp.asarray(bounds, jnp.int32)
-    pair_user = jnp.asarray(np.repeat(np.arange(num_users, dtype=np.int32), np.diff(indptr)))
+    pair_user = jnp.asarray(data.train_pairs()[0])
     num_pairs = len(indices)
 
   def draw_pairs(keys, cdfs, first_user, start, end, buf):
@@ -257,13 +257,12 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
       if feedback is not None:
         fb, out = feedback.rows(snapshot, carry, key, epoch, u, (r_t, r_s), (w_s, w_t))
         w_s, w_t = feedback.apply(fb, w_s, w_t)
-      if use_draws:
-        buf = draw_pairs(draw_keys, (ranking.weights_cdf(w_s), ranking.weights_cdf(w_t)),
-                         c * chunk, bounds[c], bounds[c + 1], buf)
-        return buf, (None, None, out)
-      if not use_tables:
+      if mode == "snapshot":
         return buf, (None, fb, out)
       tables = (w_s, w_t) if by_users else (ranking.weights_cdf(w_s), ranking.weights_cdf(w_t))
+      if use_draws:
+        return draw_pairs(draw_keys, tables, c * chunk, bounds[c], bounds[c + 1], buf), (
+            None, None, out)
       return buf, (tables, None, out)
 
     buf = ((jnp.zeros((num_pairs, every, n), jnp.int32),) * 2 if use_draws else None)
