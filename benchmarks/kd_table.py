@@ -3,6 +3,7 @@ r"""The README's teacher->student tables from finished workdirs (results.json fi
   python -m benchmarks.kd_table --protocol kd --runs benchmarks/results/kd_cpu
   python -m benchmarks.kd_table --protocol td --runs benchmarks/results/td_cpu
   python -m benchmarks.kd_table --protocol ub --runs benchmarks/results/ub_cpu
+  python -m benchmarks.kd_table --protocol ibd --runs benchmarks/results/ibd_cpu
 
 `--runs` holds one folder per run with the results.json (and metrics.jsonl) `launch.train` wrote:
 - kd (configs/kd_citeulike.py): `<method>_s<seed>` and `teacher`. Test Recall@10 / NDCG@10 /
@@ -14,6 +15,10 @@ r"""The README's teacher->student tables from finished workdirs (results.json fi
   students' 100 epochs, beside the reference's logged HR@50.
 - ub (configs/unkd_protocol.py): `<dataset>_<method>`. Test Recall@20 / NDCG@20, per popularity
   group (g0 the most popular), and each group's share of the top-20 lists.
+- ibd (configs/ibd_citeulike.py beside the BD config of the same model): `<model>_s<seed>_<arm>`,
+  arm `bd` (the BD run, whose results also hold the shared warm-up) or an iBD arm (`b05`, `b1`,
+  `b2`: beta 0.5, 1, 2; `strict`; `random`). Test HR@50 / NDCG@50 of teacher and student, mean ±
+  std over seeds, and the iBD row whose beta has the best mean validation HR@50 of the student.
 """
 import collections
 import json
@@ -25,7 +30,7 @@ from absl import flags
 import numpy as np
 
 _RUNS = flags.DEFINE_string("runs", "benchmarks/results/kd_cpu", "Folder of run folders.")
-_PROTOCOL = flags.DEFINE_enum("protocol", "kd", ["kd", "td", "ub"], "Which table.")
+_PROTOCOL = flags.DEFINE_enum("protocol", "kd", ["kd", "td", "ub", "ibd"], "Which table.")
 _README = flags.DEFINE_string("readme", "", "Also write the table into this file, between the "
                               "lines '<!-- <PROTOCOL>_TABLE -->' and '<!-- /<PROTOCOL>_TABLE -->'.")
 
@@ -173,6 +178,47 @@ def ub_table(runs: dict) -> str:
   return "\n".join([*header, *lines]) if header else ""
 
 
+IBD_ARMS = {"b05": "iBD β = 0.5", "b1": "iBD β = 1", "b2": "iBD β = 2",
+            "strict": "iBD β = 1, strict (no progress)", "random": "random feedback set, β = 1"}
+IBD_MODELS = {"cdae": "CDAE", "neumf": "NeuMF", "bpr": "BPR-MF"}
+
+
+def ibd_table(runs: dict) -> str:
+  by = collections.defaultdict(dict)  # (model, arm) -> {seed: phases}
+  for name, phases in runs.items():
+    match = re.fullmatch(r"(.+)_s(\d+)_(.+)", name)
+    if match and "distill" in phases:
+      by[(match.group(1), match.group(3))][int(match.group(2))] = phases
+  lines = ["| model | run | seeds | teacher HR@50 | teacher NDCG@50 | student HR@50 | "
+           "student NDCG@50 | student HR@50 vs BD |", "|---|---|---|---|---|---|---|---|"]
+
+  def row(model, label, seeds, phase_name, bd_mean=None):
+    tests = {m: [seeds[s][phase_name][m]["test"] for s in sorted(seeds)] for m in ("teacher",
+                                                                                   "student")}
+    cells = [_cell([t[k] for t in tests[m]]) for m in ("teacher", "student")
+             for k in ("HR@50", "NDCG@50")]
+    mean = float(np.mean([t["HR@50"] for t in tests["student"]]))
+    gain = "—" if bd_mean is None else f"{100 * (mean / bd_mean - 1):+.1f}%"
+    lines.append(f"| {IBD_MODELS.get(model, model)} | {label} | "
+                 f"{','.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + f" | {gain} |")
+    return mean
+
+  for model in [m for m in IBD_MODELS if (m, "bd") in by]:
+    bd = by[(model, "bd")]
+    row(model, "warm-up", {min(bd): bd[min(bd)]}, "warmup")
+    bd_mean = row(model, "BD", bd, "distill")
+    val = {arm: np.mean([p["distill"]["student"]["val"]["HR@50"] for p in by[(model, arm)].values()])
+           for arm in ("b05", "b1", "b2") if (model, arm) in by}
+    if val:
+      best = max(val, key=val.get)
+      row(model, f"**iBD, β chosen on validation ({IBD_ARMS[best][4:]})**", by[(model, best)],
+          "distill", bd_mean)
+    for arm, label in IBD_ARMS.items():
+      if (model, arm) in by:
+        row(model, label, by[(model, arm)], "distill", bd_mean)
+  return "\n".join(lines)
+
+
 def write_between_markers(path: str, name: str, text: str) -> None:
   """Replaces what lies between the marker lines of `name` in the file at `path`."""
   start, end = f"<!-- {name}_TABLE -->", f"<!-- /{name}_TABLE -->"
@@ -190,7 +236,7 @@ def main(argv):
   del argv
   runs = load_runs(_RUNS.value)
   text = (kd_table(runs, _RUNS.value) if _PROTOCOL.value == "kd" else
-          {"td": td_table, "ub": ub_table}[_PROTOCOL.value](runs))
+          {"td": td_table, "ub": ub_table, "ibd": ibd_table}[_PROTOCOL.value](runs))
   print(text)
   if _README.value:
     write_between_markers(_README.value, _PROTOCOL.value.upper(), text)

@@ -1,0 +1,38 @@
+"""The README table builder (benchmarks/kd_table.py): iBD's beta chosen on validation, the
+gains against BD, mean ± std over seeds; pure Python, no training."""
+from benchmarks import kd_table
+
+
+def _phases(student_val, student_test, teacher_test=0.2):
+  metrics = lambda hr: {"HR@50": hr, "NDCG@50": hr / 4}  # noqa: E731
+  phase = {"teacher": {"val": metrics(teacher_test), "test": metrics(teacher_test)},
+           "student": {"val": metrics(student_val), "test": metrics(student_test)}}
+  return {"warmup": phase, "distill": phase}
+
+
+def test_ibd_table_picks_beta_on_validation_not_test():
+  runs = {}
+  for seed in (0, 1):
+    runs[f"bpr_s{seed}_bd"] = _phases(0.10, 0.100)
+    runs[f"bpr_s{seed}_b05"] = _phases(0.12, 0.090)  # best on validation, worse on test
+    runs[f"bpr_s{seed}_b1"] = _phases(0.11, 0.200)   # best on test: must not be chosen
+    runs[f"bpr_s{seed}_random"] = _phases(0.10, 0.105)
+  runs["bpr_s0_b2"] = {"warmup": {}}  # unfinished: no distill phase, left out
+  table = kd_table.ibd_table(runs)
+  lines = table.splitlines()
+  chosen = [line for line in lines if "chosen on validation" in line]
+  assert len(chosen) == 1 and "β = 0.5" in chosen[0] and "-10.0%" in chosen[0]
+  assert any(line.startswith("| BPR-MF | random feedback") and "+5.0%" in line for line in lines)
+  assert not any("β = 2 |" in line for line in lines)
+  bd = next(line for line in lines if "| BD |" in line)
+  assert "0,1" in bd and "0.1000 ± 0.0000" in bd
+
+
+def test_ub_table_lists_groups_and_shares():
+  test = {"Recall@20": 0.1, "NDCG@20": 0.05, "Recall@20/g0": 0.2, "Recall@20/g1": 0.01,
+          "Share@20/g0": 0.7, "Share@20/g1": 0.3}
+  runs = {"cite_none": {"distill": {"student": {"test": test}}},
+          "cite_teacher": {"warmup": {"teacher": {"test": test}}}}
+  lines = kd_table.ub_table(runs).splitlines()
+  assert "R@20 g0 | R@20 g1 | share g0 | share g1" in lines[0]
+  assert lines[2].startswith("| citeulike | teacher") and "0.7000 | 0.3000 |" in lines[3]
