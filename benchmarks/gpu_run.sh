@@ -9,6 +9,7 @@
 #   models: benchmark rows for NeuMF, LightGCN and CDAE
 #   full_cdae, full_neumf, full_lightgcn: that model's whole schedule with the control
 #   kd:     teacher->student rows (python3 -m benchmarks.bench_kd), every method
+#   kd_htd: the RCE-KD protocol's teacher, then its HTD student (too slow for the 2-core CPU)
 #   fast:   the BPR-MF rows with pre-drawn samples and histogram ranks; the step profile
 #   scale:  BD beyond the table budget on a synthetic 1,000,000 x 200,000 catalogue
 set -uo pipefail
@@ -41,6 +42,15 @@ for what in "$@"; do
             done ;;
     kd) python3 -m benchmarks.bench_kd --repeats 3 --out "$OUT/bench_kd_gpu.json" 2>&1 \
           | grep -v "^[IW]1" | grep -v '^ ' | tail -12 ;;
+    kd_htd) wd=/tmp/kd; mkdir -p "$wd" "$OUT/kd_htd"
+          for m in teacher htd; do
+            init=(); [ $m = teacher ] || init=(--config.teacher_init=$wd/teacher)
+            start=$(date +%s)
+            python3 -m launch.train --config configs/kd_citeulike.py:$m --workdir "$wd/$m" \
+              "${init[@]}" 2>&1 | tee "$OUT/kd_htd/$m.log" | grep -E "done|rror"
+            echo "$m wall seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/kd_htd/$m.log"
+            mkdir -p "$OUT/kd_htd/$m" && cp "$wd/$m/results.json" "$wd/$m/metrics.jsonl" "$OUT/kd_htd/$m/"
+          done ;;
     fast) python3 -m benchmarks.bench_bd --repeats 3 --config.method.sampling_state=draws \
             --config.method.rank_buckets=8192 --out "$OUT/bench_gpu_draws_hist.json" 2>&1 \
             | grep -v "^[IW]1" | tail -14
