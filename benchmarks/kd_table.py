@@ -14,7 +14,8 @@ r"""The README's teacher->student tables from finished workdirs (results.json fi
 - td (configs/td_citeulike.py): `teacher` and `<method>_d<dim>`. Test HR@50 / NDCG@50 after the
   students' 100 epochs, beside the reference's logged HR@50.
 - ub (configs/unkd_protocol.py): `<dataset>_<method>`. Test Recall@20 / NDCG@20, per popularity
-  group (g0 the most popular), and each group's share of the top-20 lists.
+  group (g0 the most popular), and each group's share of the top-20 lists; `<dataset>_unkd_l<x>`
+  folders are UnKD rows with kd weight x.
 - ibd (configs/ibd_citeulike.py beside the BD config of the same model): `<model>_s<seed>_<arm>`,
   arm `bd` (the BD run, whose results also hold the shared warm-up) or an iBD arm (`b05`, `b1`,
   `b2`: beta 0.5, 1, 2; `strict`; `random`). Test HR@50 / NDCG@50 of teacher and student, mean ±
@@ -158,11 +159,14 @@ def ub_table(runs: dict) -> str:
   lines = []
   for dataset in ("citeulike", "ml1m"):
     short = "cite" if dataset == "citeulike" else "ml1m"
-    for method in ("teacher", "none", "rrd", "cd", "unkd"):
+    variants = sorted(n[len(short) + 1:] for n in runs if re.fullmatch(rf"{short}_unkd_l[\d.]+", n))
+    for method in ("teacher", "none", "rrd", "cd", "unkd", *variants):
       name = f"{short}_{method}"
       phase, model = _result(runs.get(name, {}), method == "teacher")
       if not phase:
         continue
+      if method.startswith("unkd_l"):
+        labels[method] = f"UnKD, λ = {method[6:]}"
       t = phase[model]["test"]
       groups = sorted({int(k.rsplit("/g", 1)[1]) for k in t if "/g" in k})
       if header is None:

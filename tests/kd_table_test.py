@@ -36,3 +36,10 @@ def test_ub_table_lists_groups_and_shares():
   lines = kd_table.ub_table(runs).splitlines()
   assert "R@20 g0 | R@20 g1 | share g0 | share g1" in lines[0]
   assert lines[2].startswith("| citeulike | teacher") and "0.7000 | 0.3000 |" in lines[3]
+
+
+def test_ub_table_adds_unkd_weight_variants():
+  test = {"Recall@20": 0.1, "NDCG@20": 0.05, "Recall@20/g0": 0.2, "Share@20/g0": 0.7}
+  phases = {"distill": {"student": {"test": test}}}
+  lines = kd_table.ub_table({"cite_unkd": phases, "cite_unkd_l0.1": phases}).splitlines()
+  assert [line.split(" | ")[1] for line in lines[2:]] == ["UnKD", "UnKD, λ = 0.1"]
