@@ -5,10 +5,12 @@ methods' global-batch sets and terms, the config, and an end-to-end distillation
 = 1, one trace for all epochs)."""
 from __future__ import annotations
 
+import functools
 import math
 import types
 
 import chex
+from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -130,6 +132,28 @@ class LossTest(chex.TestCase):
     # orders: 2 (1/2 + 1 + 1/2) = 4; the diagonal matches; the padded slot counts nothing.
     value = self.variant(ftd.ftd_loss)(HAND_S, HAND_T, HAND_MASK)
     chex.assert_trees_all_close(value, 4.0, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ftd_golden_both_forms(self):
+    for form in ("gram", "pairs"):
+      value = self.variant(functools.partial(ftd.ftd_loss, form=form))(HAND_S, HAND_T, HAND_MASK)
+      chex.assert_trees_all_close(value, 4.0, rtol=1e-6)
+
+  @parameterized.parameters("auto", "gram", "pairs")
+  def test_ftd_forms_match_numpy_and_gradients(self, form):
+    # A batch-sized case (n = 600 > d_S + d_T, 'auto' = 'gram') with a fifth of it padding.
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(600, 8)).astype(np.float32)
+    t = (rng.normal(size=(600, 40)) + 0.5).astype(np.float32)
+    mask = rng.random(600) < 0.8
+    fn = jax.jit(functools.partial(ftd.ftd_loss, form=form))
+    chex.assert_trees_all_close(fn(s, t, mask), np_ftd(s, t, mask), rtol=2e-5)
+    grads = [jax.grad(functools.partial(ftd.ftd_loss, form=f))(s, t, mask)
+             for f in (form, "pairs")]
+    chex.assert_trees_all_close(grads[0], grads[1], atol=2e-4, rtol=1e-4)
+    assert not np.any(np.asarray(grads[0])[~mask])
+    with self.assertRaisesRegex(ValueError, "form must be"):
+      ftd.ftd_loss(s, t, mask, form="dense")
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_ftd_matches_numpy(self):

@@ -46,15 +46,31 @@ def cosine_sim(a: jax.Array, b: jax.Array) -> jax.Array:
   return normalize(a) @ normalize(b).T
 
 
-def ftd_loss(student: jax.Array, teacher: jax.Array, mask: jax.Array) -> jax.Array:
+def ftd_loss(student: jax.Array, teacher: jax.Array, mask: jax.Array, form: str = "auto"
+             ) -> jax.Array:
   """sum over valid pairs (a, b) (diagonal included) of (sim(t_a, t_b) - sim(s_a, s_b))^2.
 
   student [n, d_S], teacher [n, d_T] (stop-gradient here), mask [n] (False: padding).
+
+  With S, T the normalised rows (padding rows zeroed), the sum is ||S S^T - T T^T||_F^2 =
+  ||S^T S||_F^2 - 2 ||S^T T||_F^2 + ||T^T T||_F^2: form 'gram' computes these d x d products in
+  O(n (d_S + d_T)^2) instead of the n x n similarity matrices' O(n^2 (d_S + d_T)) ('pairs');
+  'auto' takes 'gram' when d_S + d_T < n (e.g. 6,144 entities at d = 400 + 20: ~15x fewer
+  flops). The two agree to float32 rounding (tested against numpy); the difference of the
+  three terms carries the rounding of the largest, ~1e-7 of n^2.
   """
+  if form not in ("auto", "gram", "pairs"):
+    raise ValueError(f"form must be 'auto', 'gram' or 'pairs', got {form!r}")
   teacher = jax.lax.stop_gradient(teacher)
-  diff = cosine_sim(teacher, teacher) - cosine_sim(student, student)
-  pairs = mask[:, None] & mask[None, :]
-  return jnp.sum(jnp.where(pairs, jnp.square(diff), 0.0))
+  n, width = student.shape[0], student.shape[1] + teacher.shape[1]
+  if form == "pairs" or (form == "auto" and width >= n):
+    diff = cosine_sim(teacher, teacher) - cosine_sim(student, student)
+    pairs = mask[:, None] & mask[None, :]
+    return jnp.sum(jnp.where(pairs, jnp.square(diff), 0.0))
+  keep = mask[:, None].astype(student.dtype)
+  s, t = normalize(student) * keep, normalize(teacher) * keep
+  frob = lambda a, b: jnp.sum(jnp.square(a.T @ b))  # noqa: E731
+  return frob(s, s) - 2.0 * frob(s, t) + frob(t, t)
 
 
 def entity_sets(batch, num_users: int, num_items: int) -> dict:
