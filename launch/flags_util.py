@@ -41,13 +41,37 @@ def _explain_override(argv, error: Exception) -> str:
   return f"bad config override ({error})"
 
 
+# Run-control keys a config file need not declare: `--config.<key>=<bool>` adds them.
+RUN_KEYS = ("force_resume",)
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _pop_run_keys(argv) -> tuple[list, dict]:
+  """(argv without the RUN_KEYS overrides, {key: bool}); a value that is no boolean exits."""
+  rest, found = [], {}
+  for arg in argv:
+    name, eq, value = arg.partition("=")
+    key = name[len("--config."):] if name.startswith("--config.") else None
+    if key not in RUN_KEYS:
+      rest.append(arg)
+      continue
+    value = value.strip().lower() if eq else "true"
+    if value not in _TRUE + _FALSE:
+      sys.exit(f"error: bad config override: --config.{key} takes True or False, got {value!r}")
+    found[key] = value in _TRUE
+  return rest, found
+
+
 def parse_flags(argv):
   """`flags_parser` for `absl.app.run`: absl's parsing, with one-line errors."""
+  argv, run_keys = _pop_run_keys(argv)
   try:
     rest = flags.FLAGS(argv)
     config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
     if config is not None:
       config.keys()  # a config file that failed to load only raises when first read
+      for key, value in run_keys.items():
+        config[key] = value
     return rest
   except OSError as e:
     sys.exit(f"error: cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")

@@ -53,6 +53,15 @@ def test_force_resume_is_recorded(citeulike_file, tmp_path):
     assert json.load(f)["config"]["method.tau"] == 2.0
 
 
+def test_force_resume_needs_no_config_key():
+  # The refusal's advice, --config.force_resume=True, works with configs that do not declare it.
+  from launch import flags_util
+  argv = ["prog", "--config.force_resume=True", "--config.seed=1", "--config.force_resume"]
+  assert flags_util._pop_run_keys(argv) == (["prog", "--config.seed=1"], {"force_resume": True})
+  assert flags_util._pop_run_keys(["prog", "--config.force_resume=0"])[1] == {
+      "force_resume": False}
+
+
 def test_busy_workdir_is_refused(citeulike_file, tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
@@ -95,6 +104,8 @@ def _launch(*args):
     (("--config", "configs/nope.py"), "cannot load the config file"),
     (("--config", "configs/bd_bpr_citeulike.py:quick", "--config.method.tau=abc"),
      "flag --config.method.tau=abc: could not convert string to float: 'abc'"),
+    (("--config", "configs/bd_bpr_citeulike.py:quick", "--config.force_resume=maybe"),
+     "--config.force_resume takes True or False, got 'maybe'"),
 ])
 def test_command_line_mistakes_are_one_line(tmp_path, args, message):
   proc = _launch(*args, "--workdir", str(tmp_path / "run"))
