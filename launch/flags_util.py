@@ -65,13 +65,15 @@ def _pop_run_keys(argv) -> tuple[list, dict]:
 def parse_flags(argv):
   """`flags_parser` for `absl.app.run`: absl's parsing, with one-line errors."""
   argv, run_keys = _pop_run_keys(argv)
+  sys.argv[:] = _pop_run_keys(sys.argv)[0]  # config_flags reads its overrides from sys.argv too
   try:
     rest = flags.FLAGS(argv)
     config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
     if config is not None:
       config.keys()  # a config file that failed to load only raises when first read
-      for key, value in run_keys.items():
-        config[key] = value
+      with config.unlocked():  # config_flags locks the config against new keys
+        for key, value in run_keys.items():
+          config[key] = value
     return rest
   except OSError as e:
     sys.exit(f"error: cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")

@@ -62,6 +62,16 @@ def test_force_resume_needs_no_config_key():
       "force_resume": False}
 
 
+def test_force_resume_flag_reaches_the_run(tmp_path):
+  # Parsed and added to the config: the run gets as far as reading its (missing) data file.
+  proc = _launch("--config", "configs/bd_bpr_citeulike.py:quick", "--config.force_resume=True",
+                 "--config.data.path=" + str(tmp_path / "missing.dat"),
+                 "--workdir", str(tmp_path / "run"))
+  assert proc.returncode != 0
+  assert "missing.dat: file does not exist" in proc.stderr, proc.stderr[-2000:]
+  assert "config override" not in proc.stderr and "config key" not in proc.stderr
+
+
 def test_busy_workdir_is_refused(citeulike_file, tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
