@@ -19,7 +19,8 @@ r"""The README's teacher->student tables from finished workdirs (results.json fi
 - ibd (configs/ibd_citeulike.py beside the BD config of the same model): `<model>_s<seed>_<arm>`,
   arm `bd` (the BD run, whose results also hold the shared warm-up) or an iBD arm (`b05`, `b1`,
   `b2`: beta 0.5, 1, 2; `strict`; `random`). Test HR@50 / NDCG@50 of teacher and student, mean ±
-  std over seeds, and the iBD row whose beta has the best mean validation HR@50 of the student.
+  std over seeds, the student's gain over BD on the same seeds, and the iBD row whose beta has the
+  best mean validation HR@50 of the student.
 """
 import collections
 import json
@@ -197,13 +198,16 @@ def ibd_table(runs: dict) -> str:
   lines = ["| model | run | seeds | teacher HR@50 | teacher NDCG@50 | student HR@50 | "
            "student NDCG@50 | student HR@50 vs BD |", "|---|---|---|---|---|---|---|---|"]
 
-  def row(model, label, seeds, phase_name, bd_mean=None):
+  def row(model, label, seeds, phase_name, bd=None):
     tests = {m: [seeds[s][phase_name][m]["test"] for s in sorted(seeds)] for m in ("teacher",
                                                                                    "student")}
     cells = [_cell([t[k] for t in tests[m]]) for m in ("teacher", "student")
              for k in ("HR@50", "NDCG@50")]
     mean = float(np.mean([t["HR@50"] for t in tests["student"]]))
-    gain = "—" if bd_mean is None else f"{100 * (mean / bd_mean - 1):+.1f}%"
+    # against BD over the same seeds (paired: same warm-up, same distillation seed)
+    base = None if bd is None else np.mean([bd[k]["distill"]["student"]["test"]["HR@50"]
+                                            for k in seeds if k in bd])
+    gain = "—" if base is None or np.isnan(base) else f"{100 * (mean / base - 1):+.1f}%"
     lines.append(f"| {IBD_MODELS.get(model, model)} | {label} | "
                  f"{','.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + f" | {gain} |")
     return mean
@@ -211,16 +215,16 @@ def ibd_table(runs: dict) -> str:
   for model in [m for m in IBD_MODELS if (m, "bd") in by]:
     bd = by[(model, "bd")]
     row(model, "warm-up", {min(bd): bd[min(bd)]}, "warmup")
-    bd_mean = row(model, "BD", bd, "distill")
+    row(model, "BD", bd, "distill")
     val = {arm: np.mean([p["distill"]["student"]["val"]["HR@50"] for p in by[(model, arm)].values()])
            for arm in ("b05", "b1", "b2") if (model, arm) in by}
     if val:
       best = max(val, key=val.get)
       row(model, f"**iBD, β chosen on validation ({IBD_ARMS[best][4:]})**", by[(model, best)],
-          "distill", bd_mean)
+          "distill", bd)
     for arm, label in IBD_ARMS.items():
       if (model, arm) in by:
-        row(model, label, by[(model, arm)], "distill", bd_mean)
+        row(model, label, by[(model, arm)], "distill", bd)
   return "\n".join(lines)
 
 
