@@ -167,8 +167,6 @@ def ub_table(runs: dict) -> str:
       phase, model = _result(runs.get(name, {}), method == "teacher")
       if not phase:
         continue
-      if method.startswith("unkd_l"):
-        labels[method] = f"UnKD, λ = {method[6:]}"
       t = phase[model]["test"]
       groups = sorted({int(k.rsplit("/g", 1)[1]) for k in t if "/g" in k})
       if header is None:
@@ -177,7 +175,8 @@ def ub_table(runs: dict) -> str:
         header = (f"| data | run | R@20 | N@20 | {per} | {share} |",
                   "|---|---|---|---|" + "---|" * (2 * len(groups)))
       fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
-      lines.append(f"| {dataset} | {labels[method]} | {t['Recall@20']:.4f} | "
+      label = f"UnKD, λ = {method[6:]}" if method.startswith("unkd_l") else labels[method]
+      lines.append(f"| {dataset} | {label} | {t['Recall@20']:.4f} | "
                    f"{t['NDCG@20']:.4f} | "
                    + " | ".join(fmt(t.get(f"Recall@20/g{g}")) for g in groups) + " | "
                    + " | ".join(fmt(t.get(f"Share@20/g{g}")) for g in groups) + " |")
@@ -210,7 +209,6 @@ def ibd_table(runs: dict) -> str:
     gain = "—" if base is None or np.isnan(base) else f"{100 * (mean / base - 1):+.1f}%"
     lines.append(f"| {IBD_MODELS.get(model, model)} | {label} | "
                  f"{','.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + f" | {gain} |")
-    return mean
 
   for model in [m for m in IBD_MODELS if (m, "bd") in by]:
     bd = by[(model, "bd")]
