@@ -20,7 +20,7 @@ r"""The README's teacher->student tables from finished workdirs (results.json fi
   arm `bd` (the BD run, whose results also hold the shared warm-up) or an iBD arm (`b05`, `b1`,
   `b2`: beta 0.5, 1, 2; `strict`; `random`). Test HR@50 / NDCG@50 of teacher and student, mean ±
   std over seeds, the student's gain over BD on the same seeds, and the iBD row whose beta has the
-  best mean validation HR@50 of the student.
+  best validation HR@50 of the student, on the seeds that every beta arm has.
 """
 import collections
 import json
@@ -214,11 +214,15 @@ def ibd_table(runs: dict) -> str:
     bd = by[(model, "bd")]
     row(model, "warm-up", {min(bd): bd[min(bd)]}, "warmup")
     row(model, "BD", bd, "distill")
-    val = {arm: np.mean([p["distill"]["student"]["val"]["HR@50"] for p in by[(model, arm)].values()])
-           for arm in ("b05", "b1", "b2") if (model, arm) in by}
-    if val:
+    betas = [arm for arm in ("b05", "b1", "b2") if (model, arm) in by]
+    # chosen on the seeds every beta arm has (the queue runs all three on seed 0 only)
+    common = sorted(set.intersection(*(set(by[(model, arm)]) for arm in betas))) if betas else []
+    if common:
+      val = {arm: np.mean([by[(model, arm)][s]["distill"]["student"]["val"]["HR@50"]
+                           for s in common]) for arm in betas}
       best = max(val, key=val.get)
-      row(model, f"**iBD, β chosen on validation ({IBD_ARMS[best][4:]})**", by[(model, best)],
+      row(model, f"**iBD, β chosen on validation of seed{'s' * (len(common) > 1)} "
+          f"{','.join(map(str, common))} ({IBD_ARMS[best][4:]})**", by[(model, best)],
           "distill", bd)
     for arm, label in IBD_ARMS.items():
       if (model, arm) in by:

@@ -48,13 +48,16 @@ _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 def _pop_run_keys(argv) -> tuple[list, dict]:
   """(argv without the RUN_KEYS overrides, {key: bool}); a value that is no boolean exits."""
-  rest, found = [], {}
-  for arg in argv:
+  rest, found, args = [], {}, list(argv)
+  while args:
+    arg = args.pop(0)
     name, eq, value = arg.partition("=")
     key = name[len("--config."):] if name.startswith("--config.") else None
     if key not in RUN_KEYS:
       rest.append(arg)
       continue
+    if not eq and args and args[0].strip().lower() in _TRUE + _FALSE:
+      eq, value = "=", args.pop(0)  # the space-separated form: --config.force_resume True
     value = value.strip().lower() if eq else "true"
     if value not in _TRUE + _FALSE:
       sys.exit(f"error: bad config override: --config.{key} takes True or False, got {value!r}")

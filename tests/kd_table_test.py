@@ -28,6 +28,16 @@ def test_ibd_table_picks_beta_on_validation_not_test():
   assert "0,1" in bd and "0.1000 ± 0.0000" in bd
 
 
+def test_ibd_table_chooses_beta_on_the_seeds_every_beta_arm_has():
+  runs = {f"bpr_s{seed}_bd": _phases(0.10, 0.100) for seed in (0, 1, 2)}
+  runs["bpr_s0_b05"] = _phases(0.11, 0.090)
+  runs["bpr_s0_b2"] = _phases(0.12, 0.110)  # best on seed 0, the only seed all beta arms have
+  for seed, val in ((0, 0.10), (1, 0.30), (2, 0.30)):  # best mean over its own seeds
+    runs[f"bpr_s{seed}_b1"] = _phases(val, 0.100)
+  chosen = [line for line in kd_table.ibd_table(runs).splitlines() if "chosen" in line]
+  assert len(chosen) == 1 and "seed 0 (β = 2)" in chosen[0] and "+10.0%" in chosen[0]
+
+
 def test_ub_table_lists_groups_and_shares():
   test = {"Recall@20": 0.1, "NDCG@20": 0.05, "Recall@20/g0": 0.2, "Recall@20/g1": 0.01,
           "Share@20/g0": 0.7, "Share@20/g1": 0.3}

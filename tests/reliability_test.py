@@ -60,6 +60,9 @@ def test_force_resume_needs_no_config_key():
   assert flags_util._pop_run_keys(argv) == (["prog", "--config.seed=1"], {"force_resume": True})
   assert flags_util._pop_run_keys(["prog", "--config.force_resume=0"])[1] == {
       "force_resume": False}
+  # absl's space-separated form
+  assert flags_util._pop_run_keys(["prog", "--config.force_resume", "False", "--config.seed=1"]
+                                  ) == (["prog", "--config.seed=1"], {"force_resume": False})
 
 
 def test_force_resume_flag_reaches_the_run(tmp_path):
