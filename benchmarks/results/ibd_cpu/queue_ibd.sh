@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# iBD protocol (issue 10), all three models, resumable; several instances may run at once (a lock
+# dir per run; rm -r $R/*.lock after a kill). Per model one warm-up (seed 0) shared by every run
+# through warmup_from; per seed BD and the iBD arms; the library's fast path (histogram ranks,
+# pre-drawn samples) everywhere.
+#   BPR-MF: the BD config's schedule (1000 warm-up epochs, 100 distillation epochs, refresh 10).
+#   NeuMF: shortened: 100 warm-up epochs, 50 distillation epochs (refresh 10).
+#   CDAE: shortened: 300 warm-up epochs, 400 distillation epochs (refresh 10), past the 300 where
+#   the paper sees the effect.
+# BPR-MF seeds 1-2: BD, beta 1 and 2 (2: chosen on seed 0's validation) and the controls; NeuMF
+# seeds 1-2: BD and beta 1 (queued last). The controls (strict, random) use
+# beta = 1 and are compared with the beta = 1 arm.
+cd ${SRC:-/work/runsrc7}
+. /work/venv/bin/activate
+R=/work/runs/ibd
+mkdir -p $R
+FAST="--config.method.rank_buckets=8192 --config.method.sampling_state=draws --config.checkpoint_every=10"  # checkpoint_every: not in the fingerprint
+has() { [ -f $1/results.json ] && python -c "import json,sys; p=json.load(open('$1/results.json'))['phases']; sys.exit(0 if '$2' in p else 1)"; }
+run() {  # run <name> <phase that marks it done> <config> [flags...]
+  wd=$R/$1; phase=$2; shift 2; cfg=$1; shift
+  has $wd $phase && return
+  mkdir $wd.lock 2>/dev/null || return  # another instance has it
+  start=$(date +%s)
+  python -m launch.train --config $cfg --workdir $wd "$@" > $wd.log 2>&1
+  echo "$(basename $wd) rc $? wall $(( $(date +%s) - start )) s" >> $R/walltimes.txt
+}
+declare -A SCHED=([bpr]="" [neumf]="--config.warmup.epochs=100 --config.distill.epochs=50"
+                  [cdae]="--config.warmup.epochs=300 --config.distill.epochs=400")
+declare -A WARM=([bpr]=/work/runs/bd/warm [neumf]=$R/neumf_warm [cdae]=$R/cdae_warm)
+arm() {  # arm <model> <seed> <arm>; returns 1 while its warm-up is not finished
+  m=$1; s=$2; a=$3; w=${WARM[$m]}
+  has $w warmup || run ${m}_warm warmup configs/bd_${m}_citeulike.py ${SCHED[$m]} \
+      --config.distill.epochs=0 --config.control=False
+  has $w warmup || return 1  # another instance is training it: come back in the next pass
+  common="--config.seed=$s ${SCHED[$m]} --config.warmup_from=$w $FAST"
+  case $a in
+    bd) run ${m}_s${s}_bd distill configs/bd_${m}_citeulike.py $common --config.control=False;;
+    b05) run ${m}_s${s}_b05 distill configs/ibd_citeulike.py:$m $common --config.method.beta=0.5;;
+    b1) run ${m}_s${s}_b1 distill configs/ibd_citeulike.py:$m $common --config.method.beta=1.0;;
+    b2) run ${m}_s${s}_b2 distill configs/ibd_citeulike.py:$m $common --config.method.beta=2.0;;
+    strict) run ${m}_s${s}_strict distill configs/ibd_citeulike.py:$m $common --config.method.strict=True;;
+    random) run ${m}_s${s}_random distill configs/ibd_citeulike.py:$m $common --config.method.feedback=random;;
+  esac
+}
+JOBS=("neumf 0 bd" "bpr 1 random" "bpr 1 strict" "neumf 0 b1" "bpr 1 b2" "bpr 2 bd"
+      "neumf 0 random" "neumf 0 strict" "bpr 2 b1" "bpr 2 b2" "bpr 2 random" "bpr 2 strict"
+      "neumf 0 b2" "neumf 0 b05" "neumf 1 bd" "neumf 1 b1" "neumf 2 bd" "neumf 2 b1"
+      "cdae 0 bd" "cdae 0 b1" "cdae 0 random" "cdae 0 b2" "cdae 0 strict" "cdae 0 b05")
+while true; do  # passes over the list: jobs skipped for a warm-up still training come back
+  pending=0
+  for job in "${JOBS[@]}"; do arm $job || pending=1; done
+  [ $pending = 0 ] && break
+  sleep 60
+done
