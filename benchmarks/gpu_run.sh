@@ -10,6 +10,10 @@
 #   full_cdae, full_neumf, full_lightgcn: that model's whole schedule with the control
 #   kd:     teacher->student rows (python3 -m benchmarks.bench_kd), every method
 #   kd_htd: the RCE-KD protocol's teacher, then its HTD student (too slow for the 2-core CPU)
+#   ibd_cdae: the iBD protocol with CDAE (README, iBD): a 300-epoch warm-up, then BD and the iBD
+#           arms for 400 epochs each; IBD_SEEDS (default 0) and IBD_ARMS (default bd b1 random
+#           b2 b05 strict) choose the runs, IBD_SCHED replaces the schedule flags; outputs in
+#           $OUT/ibd/cdae_s<seed>_<arm>/ for `python -m benchmarks.kd_table --protocol ibd`
 #   fast:   the BPR-MF rows with pre-drawn samples and histogram ranks; the step profile
 #   scale:  BD beyond the table budget on a synthetic 1,000,000 x 200,000 catalogue
 set -uo pipefail
@@ -50,6 +54,37 @@ for what in "$@"; do
               "${init[@]}" 2>&1 | tee "$OUT/kd_htd/$m.log" | grep -E "done|rror"
             echo "$m wall seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/kd_htd/$m.log"
             mkdir -p "$OUT/kd_htd/$m" && cp "$wd/$m/results.json" "$wd/$m/metrics.jsonl" "$OUT/kd_htd/$m/"
+          done ;;
+    ibd_cdae) wd=/tmp/ibd; mkdir -p "$wd" "$OUT/ibd"
+          sched=${IBD_SCHED:-"--config.warmup.epochs=300 --config.distill.epochs=400"}
+          fast="--config.method.rank_buckets=8192"  # pre-drawn samples are for pair batches
+          ibd_run() {  # ibd_run <name> <config> [flags...]: train, then copy its outputs
+            local name=$1 cfg=$2; shift 2; local start=$(date +%s)
+            python3 -m launch.train --config "$cfg" --workdir "$wd/$name" $sched "$@" 2>&1 \
+              | tee "$wd/$name.log" | grep -E "done after|rror"
+            echo "$name wall seconds: $(( $(date +%s) - start ))"
+            mkdir -p "$OUT/ibd/$name"
+            cp "$wd/$name/results.json" "$wd/$name/metrics.jsonl" "$wd/$name/config.json" \
+              "$wd/$name.log" "$OUT/ibd/$name/" 2>/dev/null
+          }
+          ibd_run cdae_warm configs/bd_cdae_citeulike.py --config.distill.epochs=0 \
+            --config.control=False
+          for seed in ${IBD_SEEDS:-0}; do
+            for arm in ${IBD_ARMS:-bd b1 random b2 b05 strict}; do
+              common=(--config.seed=$seed --config.warmup_from=$wd/cdae_warm $fast)
+              case $arm in
+                bd) ibd_run cdae_s${seed}_bd configs/bd_cdae_citeulike.py "${common[@]}" \
+                      --config.control=False ;;
+                b05|b1|b2) beta=${arm#b}; [ $beta = 05 ] && beta=0.5
+                      ibd_run cdae_s${seed}_$arm configs/ibd_citeulike.py:cdae "${common[@]}" \
+                        --config.method.beta=$beta ;;
+                strict) ibd_run cdae_s${seed}_strict configs/ibd_citeulike.py:cdae "${common[@]}" \
+                      --config.method.strict=True ;;
+                random) ibd_run cdae_s${seed}_random configs/ibd_citeulike.py:cdae "${common[@]}" \
+                      --config.method.feedback=random ;;
+                *) echo "unknown iBD arm $arm" >&2 ;;
+              esac
+            done
           done ;;
     fast) python3 -m benchmarks.bench_bd --repeats 3 --config.method.sampling_state=draws \
             --config.method.rank_buckets=8192 --out "$OUT/bench_gpu_draws_hist.json" 2>&1 \

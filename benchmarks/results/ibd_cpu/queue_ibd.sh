@@ -33,6 +33,7 @@ arm() {  # arm <model> <seed> <arm>; returns 1 while its warm-up is not finished
       --config.distill.epochs=0 --config.control=False
   has $w warmup || return 1  # another instance is training it: come back in the next pass
   common="--config.seed=$s ${SCHED[$m]} --config.warmup_from=$w $FAST"
+  [ $m = cdae ] && common=${common/--config.method.sampling_state=draws/}  # draws: pair batches only
   case $a in
     bd) run ${m}_s${s}_bd distill configs/bd_${m}_citeulike.py $common --config.control=False;;
     b05) run ${m}_s${s}_b05 distill configs/ibd_citeulike.py:$m $common --config.method.beta=0.5;;
