@@ -20,7 +20,8 @@ r"""The README's teacher->student tables from finished workdirs (results.json fi
   arm `bd` (the BD run, whose results also hold the shared warm-up) or an iBD arm (`b05`, `b1`,
   `b2`: beta 0.5, 1, 2; `strict`; `random`). Test HR@50 / NDCG@50 of teacher and student, mean ±
   std over seeds, the student's gain over BD on the same seeds, and the iBD row whose beta has the
-  best validation HR@50 of the student, on the seeds that every beta arm has.
+  best validation HR@50 of the student, on the seeds that every beta arm has (none while fewer
+  than two beta arms have finished; the row names the candidates while one is missing).
 """
 import collections
 import json
@@ -215,14 +216,17 @@ def ibd_table(runs: dict) -> str:
     row(model, "warm-up", {min(bd): bd[min(bd)]}, "warmup")
     row(model, "BD", bd, "distill")
     betas = [arm for arm in ("b05", "b1", "b2") if (model, arm) in by]
-    # chosen on the seeds every beta arm has (the queue runs all three on seed 0 only)
-    common = sorted(set.intersection(*(set(by[(model, arm)]) for arm in betas))) if betas else []
+    # chosen on the seeds every beta arm has (the queue runs all three on seed 0 only); no
+    # choice while fewer than two beta arms have finished
+    common = (sorted(set.intersection(*(set(by[(model, arm)]) for arm in betas)))
+              if len(betas) > 1 else [])
     if common:
       val = {arm: np.mean([by[(model, arm)][s]["distill"]["student"]["val"]["HR@50"]
                            for s in common]) for arm in betas}
       best = max(val, key=val.get)
+      among = "" if len(betas) == 3 else " among " + ", ".join(IBD_ARMS[a][8:] for a in betas)
       row(model, f"**iBD, β chosen on validation of seed{'s' * (len(common) > 1)} "
-          f"{','.join(map(str, common))} ({IBD_ARMS[best][4:]})**", by[(model, best)],
+          f"{','.join(map(str, common))} ({IBD_ARMS[best][4:]}{among})**", by[(model, best)],
           "distill", bd)
     for arm, label in IBD_ARMS.items():
       if (model, arm) in by:

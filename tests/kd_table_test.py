@@ -21,7 +21,7 @@ def test_ibd_table_picks_beta_on_validation_not_test():
   table = kd_table.ibd_table(runs)
   lines = table.splitlines()
   chosen = [line for line in lines if "chosen on validation" in line]
-  assert len(chosen) == 1 and "β = 0.5" in chosen[0] and "-10.0%" in chosen[0]
+  assert len(chosen) == 1 and "(β = 0.5 among 0.5, 1)" in chosen[0] and "-10.0%" in chosen[0]
   assert any(line.startswith("| BPR-MF | random feedback") and "+5.0%" in line for line in lines)
   assert not any("β = 2 |" in line for line in lines)
   bd = next(line for line in lines if "| BD |" in line)
@@ -36,6 +36,14 @@ def test_ibd_table_chooses_beta_on_the_seeds_every_beta_arm_has():
     runs[f"bpr_s{seed}_b1"] = _phases(val, 0.100)
   chosen = [line for line in kd_table.ibd_table(runs).splitlines() if "chosen" in line]
   assert len(chosen) == 1 and "seed 0 (β = 2)" in chosen[0] and "+10.0%" in chosen[0]
+
+
+def test_ibd_table_has_no_choice_with_one_beta_arm():
+  runs = {"cdae_s0_bd": _phases(0.10, 0.100), "cdae_s0_b1": _phases(0.11, 0.110),
+          "cdae_s0_random": _phases(0.10, 0.105)}
+  lines = kd_table.ibd_table(runs).splitlines()
+  assert not any("chosen" in line for line in lines)
+  assert any(line.startswith("| CDAE | iBD β = 1 |") and "+10.0%" in line for line in lines)
 
 
 def test_ub_table_lists_groups_and_shares():
