@@ -224,7 +224,8 @@ def ibd_table(runs: dict) -> str:
       val = {arm: np.mean([by[(model, arm)][s]["distill"]["student"]["val"]["HR@50"]
                            for s in common]) for arm in betas}
       best = max(val, key=val.get)
-      among = "" if len(betas) == 3 else " among " + ", ".join(IBD_ARMS[a][8:] for a in betas)
+      among = ("" if len(betas) == 3 else
+               " among " + ", ".join(IBD_ARMS[a].split("= ")[1] for a in betas))
       row(model, f"**iBD, β chosen on validation of seed{'s' * (len(common) > 1)} "
           f"{','.join(map(str, common))} ({IBD_ARMS[best][4:]}{among})**", by[(model, best)],
           "distill", bd)
