@@ -74,18 +74,12 @@ for what in "$@"; do
           for seed in ${IBD_SEEDS:-0}; do
             for arm in ${IBD_ARMS:-bd b1 random b2 b05 strict}; do
               common=(--config.seed=$seed --config.warmup_from=$wd/cdae_warm $fast)
-              case $arm in
-                bd) ibd_run cdae_s${seed}_bd configs/bd_cdae_citeulike.py "${common[@]}" \
-                      --config.control=False ;;
-                b05|b1|b2) beta=${arm#b}; [ $beta = 05 ] && beta=0.5
-                      ibd_run cdae_s${seed}_$arm configs/ibd_citeulike.py:cdae "${common[@]}" \
-                        --config.method.beta=$beta ;;
-                strict) ibd_run cdae_s${seed}_strict configs/ibd_citeulike.py:cdae "${common[@]}" \
-                      --config.method.strict=True ;;
-                random) ibd_run cdae_s${seed}_random configs/ibd_citeulike.py:cdae "${common[@]}" \
-                      --config.method.feedback=random ;;
-                *) echo "unknown iBD arm $arm" >&2 ;;
-              esac
+              if [ $arm = bd ]; then
+                ibd_run cdae_s${seed}_bd configs/bd_cdae_citeulike.py "${common[@]}" \
+                  --config.control=False
+              else  # the arm's flags: configs/ibd_citeulike.py (ARMS)
+                ibd_run cdae_s${seed}_$arm configs/ibd_citeulike.py:cdae,$arm "${common[@]}"
+              fi
             done
           done ;;
     fast) python3 -m benchmarks.bench_bd --repeats 3 --config.method.sampling_state=draws \

@@ -1,7 +1,10 @@
 r"""iBD (BD with multi-round feedback re-distillation, after Du 2023; kdrec_jax/methods/ibd.py) on
-the shipped CiteULike-t, for the models of the BD configs: `<model>[,quick]`, model in bpr
+the shipped CiteULike-t, for the models of the BD configs: `<model>[,<arm>][,quick]`, model in bpr
 (configs/bd_bpr_citeulike.py), cdae (configs/bd_cdae_citeulike.py), neumf
-(configs/bd_neumf_citeulike.py).
+(configs/bd_neumf_citeulike.py); arm one of the README's protocol arms (default b1): b05, b1, b2
+(beta 0.5, 1, 2), strict (beta 1 with the strict "no progress" rule), random (beta 1 on a random
+feedback set of the same size: the control). The arm names are the workdir suffixes
+`<model>_s<seed>_<arm>` that `python -m benchmarks.kd_table --protocol ibd` reads.
 
 Everything but the method's name and the iBD keys comes from the BD config of that model (data,
 models, warm-up, BD phase, BD settings, evaluation), so the warm-up is the BD run's: share it
@@ -15,12 +18,12 @@ COMMAND (CDAE; likewise bpr and neumf; the BD run first, for its warm-up and con
   python -m launch.train --config configs/ibd_citeulike.py:cdae --workdir /tmp/ibd/cdae_ibd \
       --config.warmup_from=/tmp/ibd/cdae_bd
   # beta in {0.5, 1, 2} (pick on validation), the strict rule, and the random-feedback control:
-  python -m launch.train --config configs/ibd_citeulike.py:cdae --workdir /tmp/ibd/cdae_b2 \
-      --config.warmup_from=/tmp/ibd/cdae_bd --config.method.beta=2.0
-  python -m launch.train --config configs/ibd_citeulike.py:cdae --workdir /tmp/ibd/cdae_strict \
-      --config.warmup_from=/tmp/ibd/cdae_bd --config.method.strict=True
-  python -m launch.train --config configs/ibd_citeulike.py:cdae --workdir /tmp/ibd/cdae_random \
-      --config.warmup_from=/tmp/ibd/cdae_bd --config.method.feedback=random
+  python -m launch.train --config configs/ibd_citeulike.py:cdae,b2 --workdir /tmp/ibd/cdae_b2 \
+      --config.warmup_from=/tmp/ibd/cdae_bd
+  python -m launch.train --config configs/ibd_citeulike.py:cdae,strict \
+      --workdir /tmp/ibd/cdae_strict --config.warmup_from=/tmp/ibd/cdae_bd
+  python -m launch.train --config configs/ibd_citeulike.py:cdae,random \
+      --workdir /tmp/ibd/cdae_random --config.warmup_from=/tmp/ibd/cdae_bd
   # other seeds: --config.seed=1 on both the BD run and the iBD runs sharing its warm-up
 
 Quick CPU variant (minutes; the BD configs' quick schedules, rounds of 2 epochs):
@@ -33,6 +36,9 @@ discrepancy; per direction) are the 'refresh' lines of <workdir>/metrics.jsonl.
 from configs import bd_bpr_citeulike, bd_cdae_citeulike, bd_neumf_citeulike
 
 BASES = {"bpr": bd_bpr_citeulike, "cdae": bd_cdae_citeulike, "neumf": bd_neumf_citeulike}
+# The protocol's arms (README, iBD): the keys each one sets over ibd_settings()
+ARMS = {"b05": dict(beta=0.5), "b1": dict(), "b2": dict(beta=2.0), "strict": dict(strict=True),
+        "random": dict(feedback="random")}
 
 
 def ibd_settings() -> dict:
@@ -51,11 +57,15 @@ def ibd_settings() -> dict:
 def get_config(arg: str = "bpr"):
   parts = [p for p in arg.split(",") if p]
   quick = "quick" in parts
-  names = [p for p in parts if p != "quick"] or ["bpr"]
-  if len(names) != 1 or names[0] not in BASES:
-    raise ValueError(f"config arg: one model of {tuple(BASES)}, optionally ',quick'; got {arg!r}")
-  c = BASES[names[0]].get_config("quick" if quick else "")
+  models = [p for p in parts if p in BASES]
+  arms = [p for p in parts if p in ARMS]
+  unknown = [p for p in parts if p not in BASES and p not in ARMS and p != "quick"]
+  if len(models) > 1 or len(arms) > 1 or unknown:
+    raise ValueError(f"config arg: one model of {tuple(BASES)}, optionally one arm of "
+                     f"{tuple(ARMS)} and ',quick'; got {arg!r}")
+  c = BASES[(models or ["bpr"])[0]].get_config("quick" if quick else "")
   c.method.name = "ibd"
   c.method.update(ibd_settings())
+  c.method.update(ARMS[(arms or ["b1"])[0]])
   c.control = False  # the BD run with the same warm-up and seed has the control
   return c

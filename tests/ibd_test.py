@@ -376,8 +376,15 @@ def test_config_and_errors(citeulike_file):
     cfg = IBD_CONFIG.get_config(arg)
     assert cfg.method.name == "ibd" and cfg.method.beta == 1.0 and not cfg.control
   assert IBD_CONFIG.get_config("cdae").method.num_samples == 5
-  with pytest.raises(ValueError, match="one model"):
-    IBD_CONFIG.get_config("lightgcn")
+  # the protocol's arms: the same config as the b1 one with the arm's flags set by hand
+  for arm, keys in (("b05", dict(beta=0.5)), ("b1", {}), ("b2", dict(beta=2.0)),
+                    ("strict", dict(strict=True)), ("random", dict(feedback="random"))):
+    by_hand = IBD_CONFIG.get_config("neumf,quick")
+    by_hand.method.update(keys)
+    assert IBD_CONFIG.get_config(f"neumf,{arm},quick").to_dict() == by_hand.to_dict(), arm
+  for bad in ("lightgcn", "cdae,neumf", "cdae,b1,b2", "cdae,b3"):
+    with pytest.raises(ValueError, match="one model"):
+      IBD_CONFIG.get_config(bad)
   for bad, match in ((dict(feedback="nope"), "feedback"), (dict(refresh_every=0), "refresh"),
                      (dict(beta=-1.0), ">= 0")):
     with pytest.raises(ValueError, match=match):

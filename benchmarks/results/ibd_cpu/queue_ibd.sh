@@ -13,6 +13,9 @@
 # (strict, random) use beta = 1 and are compared with the beta = 1 arm.
 # On this 2-core CPU one instance at a time is faster than two (CDAE warm-up: 4.15 s/epoch alone,
 # 9.5 s/epoch beside a NeuMF run); from 22:05 UTC on 2026-11-29 one instance ran, jobs as arguments.
+# Until 2026-11-30 the arms were spelled as flags (--config.method.beta=0.5, ...strict=True,
+# ...feedback=random over configs/ibd_citeulike.py:<model>); the arm names of the config give the
+# same configs (tests/ibd_test.py::test_config_and_errors), so resumes and fingerprints match.
 cd ${SRC:-/work/runsrc7}
 . /work/venv/bin/activate
 R=/work/runs/ibd
@@ -39,14 +42,11 @@ arm() {  # arm <model> <seed> <arm>; returns 1 while its warm-up is not finished
   # CDAE: no pre-drawn samples (pair batches only); validation every 10 epochs for the curve of
   # the paper's Fig. 3 (evaluation is outside training: the same run with fewer points otherwise)
   [ $m = cdae ] && common="${common/--config.method.sampling_state=draws/} --config.eval_every=10"
-  case $a in
-    bd) run ${m}_s${s}_bd distill configs/bd_${m}_citeulike.py $common --config.control=False;;
-    b05) run ${m}_s${s}_b05 distill configs/ibd_citeulike.py:$m $common --config.method.beta=0.5;;
-    b1) run ${m}_s${s}_b1 distill configs/ibd_citeulike.py:$m $common --config.method.beta=1.0;;
-    b2) run ${m}_s${s}_b2 distill configs/ibd_citeulike.py:$m $common --config.method.beta=2.0;;
-    strict) run ${m}_s${s}_strict distill configs/ibd_citeulike.py:$m $common --config.method.strict=True;;
-    random) run ${m}_s${s}_random distill configs/ibd_citeulike.py:$m $common --config.method.feedback=random;;
-  esac
+  if [ $a = bd ]; then
+    run ${m}_s${s}_bd distill configs/bd_${m}_citeulike.py $common --config.control=False
+  else  # the arm's flags: configs/ibd_citeulike.py (ARMS)
+    run ${m}_s${s}_$a distill configs/ibd_citeulike.py:$m,$a $common
+  fi
 }
 if [ $# -gt 0 ]; then JOBS=("$@"); else  # jobs as arguments ("model seed arm"), or this list
 JOBS=("neumf 0 bd" "bpr 1 random" "bpr 1 strict" "neumf 0 b1" "bpr 1 b2" "bpr 2 bd"
