@@ -7,9 +7,10 @@ r"""Prints a dataset's statistics after the configured preprocessing, to check i
 Reads only `config.data` (loaded as `kdrec_jax.data.load` does for training) and
 `config.eval.popularity_groups` (4 when absent, as in training; 0 = no groups). Prints users,
 items, interactions, density, the train / validation / test sizes, interactions per user and
-per item, and the popularity groups (`kdrec_jax.metrics.popularity_groups`: items of about equal
-training interaction mass, most popular first). Bad data: one line `error: <file>:<line>: ...`,
-exit status 1.
+per item, the cold items (no training interaction) and the held-out pairs that have one, the
+held-out items' mean training popularity, and the popularity groups
+(`kdrec_jax.metrics.popularity_groups`: items of about equal training interaction mass, most
+popular first). Bad data: one line `error: <file>:<line>: ...`, exit status 1.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def statistics(inter: Interactions, num_groups: int = DEFAULT_GROUPS) -> dict[st
   Returns:
     A JSON-able dict: name, users, items, interactions (all splits), density, train / val /
     test pairs, users with train / val / test items, items without training interactions,
+    val / test pairs of such a cold item and the val / test items' mean training popularity,
     per_user / per_item (min, median, mean, max interactions over all splits) and
     popularity_groups (None, or asked, made and per group: items, train_interactions, share of
     the training interactions).
@@ -70,6 +72,13 @@ def statistics(inter: Interactions, num_groups: int = DEFAULT_GROUPS) -> dict[st
       users_with_train=users_with["train"], users_with_val=users_with["val"],
       users_with_test=users_with["test"],
       items_without_train=int(np.count_nonzero(popularity == 0)),
+      # held-out pairs whose item has no training interaction (no model learns it from the
+      # training data), and the held-out items' mean training popularity: where validation and
+      # test differ in these, so do their accuracies
+      **{f"{s}_cold": int(np.count_nonzero(popularity[inter.split(s)[1]] == 0))
+         for s in ("val", "test")},
+      **{f"{s}_item_popularity": float(popularity[inter.split(s)[1]].mean())
+         if sizes[s] else 0.0 for s in ("val", "test")},
       per_user=_summary(np.asarray(per_user)), per_item=_summary(np.asarray(per_item)),
       popularity_groups=None)
   if num_groups:
@@ -104,6 +113,9 @@ def format_statistics(stats: dict[str, Any]) -> str:
       f"per user       {dist(stats['per_user'])}",
       f"per item       {dist(stats['per_item'])}",
       f"cold items     {n(stats['items_without_train'])} without training interactions",
+      f"held out       val: {n(stats['val_cold'])} pairs of a cold item, items' mean "
+      f"training popularity {stats['val_item_popularity']:.1f}; test: "
+      f"{n(stats['test_cold'])}, {stats['test_item_popularity']:.1f}",
   ]
   pg = stats["popularity_groups"]
   if pg:

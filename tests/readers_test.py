@@ -400,6 +400,9 @@ def test_statistics_on_fixture():
   assert (stats["users_with_train"], stats["users_with_val"], stats["users_with_test"]) == (
       2, 2, 2)
   assert stats["items_without_train"] == 3  # 393, 381 and 265 are only held out
+  # val 381 (196), 265 (186): both cold; test 393 (cold), 242 (one training pair, user 196)
+  assert (stats["val_cold"], stats["test_cold"]) == (2, 1)
+  assert (stats["val_item_popularity"], stats["test_item_popularity"]) == (0.0, 0.5)
   assert stats["per_user"] == dict(min=5, median=5.0, mean=5.0, max=5)
   assert stats["per_item"]["max"] == 2  # 242
   groups = stats["popularity_groups"]
@@ -412,6 +415,7 @@ def test_statistics_on_fixture():
   text = launch_data.format_statistics(stats)
   assert "users          2" in text and "train 6, val 2, test 2" in text
   assert "2 made (2 asked)" in text
+  assert "val: 2 pairs of a cold item, items' mean training popularity 0.0; test: 1, 0.5" in text
 
 
 def test_launch_data_run_reports_bad_data_on_one_line(capsys):
