@@ -113,9 +113,9 @@ def format_statistics(stats: dict[str, Any]) -> str:
       f"per user       {dist(stats['per_user'])}",
       f"per item       {dist(stats['per_item'])}",
       f"cold items     {n(stats['items_without_train'])} without training interactions",
-      f"held out       val: {n(stats['val_cold'])} pairs of a cold item, items' mean "
-      f"training popularity {stats['val_item_popularity']:.1f}; test: "
-      f"{n(stats['test_cold'])}, {stats['test_item_popularity']:.1f}",
+      f"held out       cold-item pairs val {n(stats['val_cold'])}, test "
+      f"{n(stats['test_cold'])}; items' mean training popularity val "
+      f"{stats['val_item_popularity']:.1f}, test {stats['test_item_popularity']:.1f}",
   ]
   pg = stats["popularity_groups"]
   if pg:

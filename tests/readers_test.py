@@ -415,7 +415,8 @@ def test_statistics_on_fixture():
   text = launch_data.format_statistics(stats)
   assert "users          2" in text and "train 6, val 2, test 2" in text
   assert "2 made (2 asked)" in text
-  assert "val: 2 pairs of a cold item, items' mean training popularity 0.0; test: 1, 0.5" in text
+  assert ("cold-item pairs val 2, test 1; items' mean training popularity val 0.0, test 0.5"
+          in text)
 
 
 def test_launch_data_run_reports_bad_data_on_one_line(capsys):
