@@ -19,9 +19,10 @@ r"""The README's teacher->student tables from finished workdirs (results.json fi
 - ibd (configs/ibd_citeulike.py beside the BD config of the same model): `<model>_s<seed>_<arm>`,
   arm `bd` (the BD run, whose results also hold the shared warm-up) or an iBD arm (`b05`, `b1`,
   `b2`: beta 0.5, 1, 2; `strict`; `random`). Test HR@50 / NDCG@50 of teacher and student, mean ±
-  std over seeds, the student's gain over BD on the same seeds, and the iBD row whose beta has the
-  best validation HR@50 of the student, on the seeds that every beta arm has (none while fewer
-  than two beta arms have finished; the row names the candidates while one is missing).
+  std over seeds, the student's gain over BD on the same seeds (and seed by seed), and the iBD
+  row whose beta has the best validation HR@50 of the student, on the seeds that every beta arm
+  has (none while fewer than two beta arms have finished; the row names the candidates while
+  one is missing).
 """
 import collections
 import json
@@ -196,7 +197,8 @@ def ibd_table(runs: dict) -> str:
     if match and "distill" in phases:
       by[(match.group(1), match.group(3))][int(match.group(2))] = phases
   lines = ["| model | run | seeds | teacher HR@50 | teacher NDCG@50 | student HR@50 | "
-           "student NDCG@50 | student HR@50 vs BD |", "|---|---|---|---|---|---|---|---|"]
+           "student NDCG@50 | student HR@50 vs BD | per seed |",
+           "|---|---|---|---|---|---|---|---|---|"]
 
   def row(model, label, seeds, phase_name, bd=None):
     tests = {m: [seeds[s][phase_name][m]["test"] for s in sorted(seeds)] for m in ("teacher",
@@ -208,8 +210,14 @@ def ibd_table(runs: dict) -> str:
     base = None if bd is None else np.mean([bd[k]["distill"]["student"]["test"]["HR@50"]
                                             for k in seeds if k in bd])
     gain = "—" if base is None or np.isnan(base) else f"{100 * (mean / base - 1):+.1f}%"
+    # the same gain seed by seed (the spread the mean hides), with two or more paired seeds
+    paired = [100 * (seeds[k][phase_name]["student"]["test"]["HR@50"]
+                     / bd[k]["distill"]["student"]["test"]["HR@50"] - 1)
+              for k in sorted(seeds) if bd is not None and k in bd]
+    per_seed = " / ".join(f"{g:+.1f}" for g in paired) + "%" if len(paired) > 1 else "—"
     lines.append(f"| {IBD_MODELS.get(model, model)} | {label} | "
-                 f"{','.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + f" | {gain} |")
+                 f"{','.join(map(str, sorted(seeds)))} | " + " | ".join(cells)
+                 + f" | {gain} | {per_seed} |")
 
   for model in [m for m in IBD_MODELS if (m, "bd") in by]:
     bd = by[(model, "bd")]

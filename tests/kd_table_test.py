@@ -22,7 +22,8 @@ def test_ibd_table_picks_beta_on_validation_not_test():
   lines = table.splitlines()
   chosen = [line for line in lines if "chosen on validation" in line]
   assert len(chosen) == 1 and "(β = 0.5 among 0.5, 1)" in chosen[0] and "-10.0%" in chosen[0]
-  assert any(line.startswith("| BPR-MF | random feedback") and "+5.0%" in line for line in lines)
+  assert any(line.startswith("| BPR-MF | random feedback") and "+5.0% | +5.0 / +5.0% |" in line
+             for line in lines)
   assert not any("β = 2 |" in line for line in lines)
   bd = next(line for line in lines if "| BD |" in line)
   assert "0,1" in bd and "0.1000 ± 0.0000" in bd
@@ -43,7 +44,15 @@ def test_ibd_table_has_no_choice_with_one_beta_arm():
           "cdae_s0_random": _phases(0.10, 0.105)}
   lines = kd_table.ibd_table(runs).splitlines()
   assert not any("chosen" in line for line in lines)
-  assert any(line.startswith("| CDAE | iBD β = 1 |") and "+10.0%" in line for line in lines)
+  assert any(line.startswith("| CDAE | iBD β = 1 |") and "+10.0% | — |" in line for line in lines)
+
+
+def test_ibd_table_gains_seed_by_seed():
+  runs = {"neumf_s0_bd": _phases(0.1, 0.100), "neumf_s1_bd": _phases(0.1, 0.200),
+          "neumf_s0_b1": _phases(0.1, 0.110), "neumf_s1_b1": _phases(0.1, 0.180)}
+  b1 = next(line for line in kd_table.ibd_table(runs).splitlines() if "β = 1 |" in line)
+  # the mean's gain (0.145 against 0.15) and the per-seed ones, in seed order
+  assert b1.endswith("| -3.3% | +10.0 / -10.0% |")
 
 
 def test_ub_table_lists_groups_and_shares():
