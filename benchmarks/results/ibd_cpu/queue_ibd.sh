@@ -27,7 +27,7 @@ run() {  # run <name> <phase that marks it done> <config> [flags...]
   has $wd $phase && return
   mkdir $wd.lock 2>/dev/null || return  # another instance has it
   start=$(date +%s)
-  python -m launch.train --config $cfg --workdir $wd "$@" > $wd.log 2>&1
+  python -m launch.train --config $cfg --workdir $wd "$@" >> $wd.log 2>&1  # a resume appends
   echo "$(basename $wd) rc $? wall $(( $(date +%s) - start )) s" >> $R/walltimes.txt
 }
 declare -A SCHED=([bpr]="" [neumf]="--config.warmup.epochs=100 --config.distill.epochs=50"
