@@ -7,11 +7,11 @@ Per run: `<label>_curves.png` (validation per epoch; BD vs control), `<label>_lo
 `<label>_refresh.png` (iBD's per-round statistics) and `<label>_beats.png` (the share of test
 users for whom the student ranks the held-out item above the teacher, by user activity). Across
 runs: `compare_<split>_<metric>.png` (bar chart), `groups_<split>_<model>.png` (popularity-group
-Recall@K and top-K share), `speed.png` (seconds per epoch) and `overlay_<metric>.png` (the
-student's validation curves). Labels are the folders' names (or --labels). Each written file's
-path is printed; a figure a run cannot have (no refresh lines, no popularity groups) is skipped
-with a `skipped:` line on stderr. A missing or unreadable workdir, or nothing to draw, ends in
-one `error:` line and exit status 1.
+Recall@K and top-K share), `speed.png` (seconds per epoch) and `overlay_<model>_<metric>.png`
+(the validation curves of --model, student by default). Labels are the folders' names (or
+--labels). Each written file's path is printed; a figure a run cannot have (no refresh lines, no
+popularity groups) is skipped with a `skipped:` line on stderr. A missing or unreadable
+workdir, or nothing to draw, ends in one `error:` line and exit status 1.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def main(argv):
     jobs.append(("speed", "speed", lambda p: plots.speed(runs, _PHASE.value, out=p)))
   if "overlay" in which:
     name = metric or _maybe(lambda: plots.default_metric(runs)) or "metric"
-    jobs.append((f"overlay_{_safe(name)}", "overlay",
+    jobs.append((f"overlay_{_safe(_MODEL.value)}_{_safe(name)}", "overlay",
                  lambda p: plots.compare_curves(runs, metric, _MODEL.value, _PHASE.value,
                                                 out=p)))
   written = []

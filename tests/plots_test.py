@@ -245,14 +245,15 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
 def test_launcher_writes_pngs(tmp_path):
   out = tmp_path / "plots"
   done = _launch("--workdirs", ",".join([BD] + KD[1:]), "--out", str(out),
-                 "--which", "curves,losses,compare,groups,refresh,beats", "--metric", "NDCG@10")
+                 "--which", "curves,losses,compare,groups,refresh,beats,overlay",
+                 "--metric", "NDCG@10")
   assert done.returncode == 0, done.stderr
   written = done.stdout.split()
   names = sorted(os.path.basename(p) for p in written)
   assert names == sorted(
       [f"{r}_{k}.png" for r in ("bd", "none_s0", "none_s1", "rrd_s0")
        for k in ("curves", "losses", "beats")]
-      + ["compare_test_NDCG10.png", "groups_test_student.png"])
+      + ["compare_test_NDCG10.png", "groups_test_student.png", "overlay_student_NDCG10.png"])
   for path in written:
     check_png(path, min_width=400)
   assert "skipped: refresh: bd: no 'refresh' statistics" in done.stderr  # BD writes none
