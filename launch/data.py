@@ -64,6 +64,7 @@ def statistics(inter: Interactions, num_groups: int = DEFAULT_GROUPS) -> dict[st
   per_user = sum(np.diff(inter.split(s)[0]) for s in sizes)
   per_item = sum(np.bincount(inter.split(s)[1], minlength=inter.num_items) for s in sizes)
   popularity = inter.item_popularity
+  held_out = {s: popularity[inter.split(s)[1]] for s in ("val", "test")}  # per held-out pair
   cells = inter.num_users * inter.num_items
   out = dict(
       name=inter.name, users=inter.num_users, items=inter.num_items, interactions=total,
@@ -75,10 +76,9 @@ def statistics(inter: Interactions, num_groups: int = DEFAULT_GROUPS) -> dict[st
       # held-out pairs whose item has no training interaction (no model learns it from the
       # training data), and the held-out items' mean training popularity: where validation and
       # test differ in these, so do their accuracies
-      **{f"{s}_cold": int(np.count_nonzero(popularity[inter.split(s)[1]] == 0))
-         for s in ("val", "test")},
-      **{f"{s}_item_popularity": float(popularity[inter.split(s)[1]].mean())
-         if sizes[s] else 0.0 for s in ("val", "test")},
+      **{f"{s}_cold": int(np.count_nonzero(pop == 0)) for s, pop in held_out.items()},
+      **{f"{s}_item_popularity": float(pop.mean()) if len(pop) else 0.0
+         for s, pop in held_out.items()},
       per_user=_summary(np.asarray(per_user)), per_item=_summary(np.asarray(per_item)),
       popularity_groups=None)
   if num_groups:
