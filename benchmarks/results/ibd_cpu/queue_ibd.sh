@@ -9,8 +9,9 @@
 #   the paper sees the effect.
 # BPR-MF seeds 1-2: BD, beta 1 and 2 (2: chosen on seed 0's validation) and the controls; NeuMF
 # seeds 1-2: BD, beta 1, then beta 0.5 (chosen on seed 0) and the controls; CDAE seeds 1-2: BD,
-# beta 2 (chosen on seed 0, 2026-11-30), beta 1 and the controls. The controls
-# (strict, random) use beta = 1 and are compared with the beta = 1 arm.
+# beta 2 (chosen on seed 0, 2026-11-30), the controls, then beta 1 (from 2026-11-30 08:15 UTC;
+# earlier beta 1 came before the controls). The controls (strict, random) use beta = 1 and are
+# compared with the beta = 1 arm.
 # On this 2-core CPU one instance at a time is faster than two (CDAE warm-up: 4.15 s/epoch alone,
 # 9.5 s/epoch beside a NeuMF run); from 22:05 UTC on 2026-11-29 one instance ran, jobs as arguments.
 # Until 2026-11-30 the arms were spelled as flags (--config.method.beta=0.5, ...strict=True,
@@ -54,9 +55,9 @@ JOBS=("neumf 0 bd" "bpr 1 random" "bpr 1 strict" "neumf 0 b1" "bpr 1 b2" "bpr 2 
       "neumf 0 b2" "neumf 0 b05" "neumf 1 bd" "neumf 1 b1" "neumf 2 bd" "neumf 2 b1"
       "cdae 0 bd" "cdae 0 b1" "cdae 0 random" "cdae 0 strict"
       "neumf 1 b05" "neumf 1 random" "neumf 1 strict" "neumf 2 b05" "neumf 2 random"
-      "neumf 2 strict" "cdae 0 b05" "cdae 0 b2" "cdae 1 bd" "cdae 1 b2" "cdae 1 b1" "cdae 2 bd"
-      "cdae 2 b2" "cdae 2 b1"
-      "cdae 1 random" "cdae 2 random" "cdae 1 strict" "cdae 2 strict"); fi
+      "neumf 2 strict" "cdae 0 b05" "cdae 0 b2" "cdae 1 bd" "cdae 1 b2" "cdae 2 bd"
+      "cdae 2 b2" "cdae 1 random" "cdae 1 strict" "cdae 2 random" "cdae 2 strict" "cdae 1 b1"
+      "cdae 2 b1"); fi
 while true; do  # passes over the list: jobs skipped for a warm-up still training come back
   pending=0
   for job in "${JOBS[@]}"; do arm $job || pending=1; done
