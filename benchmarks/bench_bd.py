@@ -15,6 +15,7 @@ import jax
 from ml_collections import config_flags
 
 from benchmarks.common import median_time, write_report
+from kdrec_jax import step as kstep
 from kdrec_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bd_bpr_citeulike.py",
@@ -23,46 +24,34 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions per row.")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
 
 
-def _params(state):
-  return {m: state[m]["params"] for m in train.MODELS}
-
-
 def main(argv):
   del argv
   cfg = _CONFIG.value
   exp = train.Experiment(cfg)
   rows = {}
-  for name, pcfg, phase in (("warmup_epoch", cfg.warmup, train.Phase("warmup", train.MODELS, False)),
-                            ("bd_epoch", cfg.distill, train.Phase("distill", train.MODELS, True))):
-    opts = exp.optimizers(pcfg, phase.train)
-    holder = {"state": train.init_state(exp.key, exp.models, opts, exp.method)}
-    if phase.distill:
-      holder["state"]["hparams"] = exp.hparams()
-      holder["state"]["cache"], _ = exp.refresh({}, _params(holder["state"]), {},
-                                                jax.random.key(0), 0)
-    holder["state"] = jax.device_put(holder["state"],
-                                     jax.sharding.NamedSharding(exp.mesh, jax.P()))
-    step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                                 exp.data.num_items)
-    epoch, steps = train.make_epoch(step, exp.mesh, exp.num_examples, cfg.batch_size)
-    counter = iter(range(10**6))
+  for name, phase in (("warmup_epoch", kstep.Phase("warmup", train.MODELS, False)),
+                      ("bd_epoch", "distill")):
+    program = train.build_phase(exp, phase)
+    state = program.initial_state()
+    if program.uses_refresh:
+      state, _ = program.refresh(state, jax.random.key(0), 0)
+    holder, counter = {"state": program.replicate(state)}, iter(range(10**6))
 
     def run():
-      holder["state"], m = epoch(holder["state"], exp.examples,
-                                 jax.random.key(next(counter)))
-      return holder["state"]["step"], m
+      holder["state"], m = program.run_epoch(holder["state"], jax.random.key(next(counter)))
+      return holder["state"].step, m
 
     rows[name] = median_time(run, _REPEATS.value)
-    rows["steps_per_epoch"] = steps
-    if phase.distill:
+    rows["steps_per_epoch"] = program.steps
+    if program.phase.distill:
       state = holder["state"]
       rows["rank_refresh_both_models"] = median_time(
-          lambda: exp.refresh({}, _params(state), {}, jax.random.key(0), 0), _REPEATS.value)
+          lambda: program.refresh(state, jax.random.key(0), 0)[0].cache, _REPEATS.value)
       ev = exp.evaluators["test"]
       rows["full_eval_teacher_all_users"] = median_time(
-          lambda: ev(exp.models["teacher"].score_all, state["teacher"]["params"]), _REPEATS.value)
+          lambda: ev(exp.models["teacher"].score_all, state.params["teacher"]), _REPEATS.value)
       rows["full_eval_student_all_users"] = median_time(
-          lambda: ev(exp.models["student"].score_all, state["student"]["params"]), _REPEATS.value)
+          lambda: ev(exp.models["student"].score_all, state.params["student"]), _REPEATS.value)
   w, b, r = rows["warmup_epoch"], rows["bd_epoch"], rows["rank_refresh_both_models"]
   n_refresh = -(-cfg.distill.epochs // max(cfg.method.refresh_every, 1))
   rows["schedule_estimate_s"] = (cfg.warmup.epochs * w + cfg.distill.epochs * b + n_refresh * r)

@@ -28,38 +28,30 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per row.")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
 
 
-def _time_phase(exp, phase, pcfg, repeats):
+def _time_phase(exp, phase, repeats):
   """(epoch seconds, refresh seconds or None, prepare seconds or None) for `phase`."""
-  opts = exp.optimizers(pcfg, phase.train)
-  state = train.init_state(exp.key, exp.models, opts, exp.method if phase.distill else None)
-  params = {m: state[m]["params"] for m in train.MODELS}
+  program = train.build_phase(exp, phase)
+  state = program.initial_state()
   times = {}
   if phase.distill:
-    state["hparams"] = exp.hparams()
-    times["prepare"] = median_time(lambda: exp.prepare(params["teacher"]), 1)
-    state["static"] = exp.prepare(params["teacher"])
-    if exp.method.refresh is not None:
+    frozen = {"teacher": state.params["teacher"]}
+    times["prepare"] = median_time(lambda: exp.prepare(frozen), 1)
+    if program.uses_refresh:
       times["refresh"] = median_time(
-          lambda: exp.refresh(state["static"], params, state["carry"], jax.random.key(0), 0),
-          repeats)
-      state["cache"], state["carry"] = exp.refresh(state["static"], params, state["carry"],
-                                                   jax.random.key(0), 0)
-  state = jax.device_put(state, jax.sharding.NamedSharding(exp.mesh, jax.P()))
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               exp.data.num_items)
-  epoch, steps = train.make_epoch(step, exp.mesh, exp.num_examples, exp.config.batch_size)
-  holder, counter = {"state": state}, iter(range(10**6))
+          lambda: program.refresh(state, jax.random.key(0), 0)[0].cache, repeats)
+      state, _ = program.refresh(state, jax.random.key(0), 0)
+  holder, counter = {"state": program.replicate(state)}, iter(range(10**6))
 
   def run():
-    holder["state"], m = epoch(holder["state"], exp.examples, jax.random.key(next(counter)), 1)
-    return holder["state"]["step"], m
+    holder["state"], m = program.run_epoch(holder["state"], jax.random.key(next(counter)), 1)
+    return holder["state"].step, m
 
   times["epoch"] = median_time(run, repeats)
-  times["steps_per_epoch"] = steps
+  times["steps_per_epoch"] = program.steps
   learner = "student" if "student" in phase.train else "teacher"
   ev = exp.evaluators["val"]
   times[f"eval_val_{learner}"] = median_time(
-      lambda: ev(exp.models[learner].score_all, holder["state"][learner]["params"]), repeats)
+      lambda: ev(exp.models[learner].score_all, holder["state"].params[learner]), repeats)
   times["per_epoch"] = (times["epoch"] + times[f"eval_val_{learner}"]
                         + (times.get("refresh", 0.0) if exp.method.refresh_every == 1 else 0.0))
   return times
@@ -71,11 +63,8 @@ def main(argv):
   for name in ["teacher", *_METHODS.value]:
     cfg = kd_citeulike.get_config(name)
     exp = train.Experiment(cfg)
-    if name == "teacher":
-      phase, pcfg = train.Phase("warmup", ("teacher",), False), cfg.warmup
-    else:
-      phase, pcfg = train.Phase("distill", tuple(exp.method.learners), True), cfg.distill
-    rows[name] = _time_phase(exp, phase, pcfg, _REPEATS.value)
+    rows[name] = _time_phase(exp, "warmup" if name == "teacher" else "distill",
+                             _REPEATS.value)
     print(name, json.dumps(rows[name]), flush=True)
   write_report(rows, exp.data, _REPEATS.value, _OUT.value)
 

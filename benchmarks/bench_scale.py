@@ -77,25 +77,21 @@ def main(argv):
           "draws_mb": bd.draws_bytes(data.num_train, cfg.method.refresh_every,
                                      cfg.method.num_samples) / 2**20,
           "available_mb_at_start": bd.available_mb()}
-  phase = train.Phase("distill", train.MODELS, True)
-  opts = exp.optimizers(cfg.distill, phase.train)
-  state = train.init_state(exp.key, exp.models, opts, exp.method)
-  state["hparams"] = exp.hparams()
-  params = {m: state[m]["params"] for m in train.MODELS}
+  program = train.build_phase(exp, "distill")
+  start = program.initial_state()
   times = []
   for r in range(_REFRESHES.value):
     t = time.perf_counter()
-    state["cache"], _ = jax.block_until_ready(exp.refresh({}, params, {}, jax.random.key(r), 0))
+    state, _ = program.refresh(start, jax.random.key(r), 0)
+    jax.block_until_ready(state.cache)
     times.append(time.perf_counter() - t)
   rows["refresh_first_s"], rows["refresh_s"] = times[0], min(times[1:] or times)
-  state = jax.device_put(state, jax.sharding.NamedSharding(exp.mesh, jax.P()))
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               data.num_items)
-  epoch, steps = train.make_epoch(step, exp.mesh, exp.num_examples, cfg.batch_size)
+  state = program.replicate(state)
+  steps = program.steps
   times = []
   for e in range(_EPOCHS.value):
     t = time.perf_counter()
-    state, m = epoch(state, exp.examples, jax.random.key(100 + e), e % cfg.method.refresh_every)
+    state, m = program.run_epoch(state, jax.random.key(100 + e), e % cfg.method.refresh_every)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
     print(f"epoch {e}: {times[-1]:.1f} s", flush=True)

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 import optax
 
 from benchmarks.common import median_time, write_report
+from kdrec_jax import step as kstep
 from kdrec_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bd_bpr_citeulike.py",
@@ -37,45 +38,39 @@ def main(argv):
   cfg = _CONFIG.value
   exp = train.Experiment(cfg)
   rows = {}
-  rep = jax.sharding.NamedSharding(exp.mesh, jax.P())
-  for name, pcfg, phase in (("warmup", cfg.warmup, train.Phase("warmup", train.MODELS, False)),
-                            ("bd", cfg.distill, train.Phase("distill", train.MODELS, True))):
-    adam = exp.optimizers(pcfg, phase.train)
+  for name, phase in (("warmup", kstep.Phase("warmup", train.MODELS, False)),
+                      ("bd", "distill")):
+    adam = train.build_phase(exp, phase).optimizers
     for variant, opts in (("adam", adam),
                           ("sgd", {m: optax.sgd(1e-3) for m in adam}),
                           ("no_update", {m: optax.set_to_zero() for m in adam})):
-      state = train.init_state(exp.key, exp.models, opts, exp.method)
-      if phase.distill:
-        state["hparams"] = exp.hparams()
-        state["cache"], _ = exp.refresh({}, {m: state[m]["params"] for m in train.MODELS}, {},
-                                        jax.random.key(0), 0)
-      holder = {"state": jax.device_put(state, rep)}
-      step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                                   exp.data.num_items)
-      epoch, steps = train.make_epoch(step, exp.mesh, exp.num_examples, cfg.batch_size)
+      program = train.build_phase(exp, phase, optimizers=opts)
+      state = program.initial_state()
+      if program.uses_refresh:
+        state, _ = program.refresh(state, jax.random.key(0), 0)
+      holder = {"state": program.replicate(state)}
       if variant == "adam":
-        hlo = epoch.lower(holder["state"], exp.examples, jax.random.key(0)).compile().as_text()
+        hlo = program.epoch.lower(holder["state"], exp.examples,
+                                  jax.random.key(0)).compile().as_text()
         rows[f"{name}_kernels"] = len(re.findall(r"^\s*\S+ = \S+ (?:fusion|custom-call)\(",
                                                  hlo, re.M))
       counter = iter(range(10**6))
 
       def run():
-        holder["state"], m = epoch(holder["state"], exp.examples, jax.random.key(next(counter)))
+        holder["state"], m = program.run_epoch(holder["state"], jax.random.key(next(counter)))
         return m
 
       rows[f"{name}_{variant}"] = median_time(run, _REPEATS.value)
-    rows["steps_per_epoch"] = steps
+    rows["steps_per_epoch"] = program.steps
 
-  def count_step(state, batch, key):
-    del key
-    return dict(state, step=state["step"] + 1), {"examples": jnp.sum(batch["weight"])}
-
-  epoch, _ = train.make_epoch(count_step, exp.mesh, exp.num_examples, cfg.batch_size)
-  holder = {"state": jax.device_put({"step": jnp.zeros((), jnp.int32),
-                                     "epoch": jnp.zeros((), jnp.int32)}, rep)}
+  # The scan alone: a step that only counts (the loop and batching overhead).
+  empty = train.build_phase(exp, "warmup", wrap_step=lambda step: (
+      lambda state, batch, key: (state.replace(step=state.step + 1),
+                                 {"examples": jnp.sum(batch["weight"])})))
+  holder = {"state": empty.replicate(empty.initial_state())}
 
   def run_empty():
-    holder["state"], m = epoch(holder["state"], exp.examples, jax.random.key(0))
+    holder["state"], m = empty.run_epoch(holder["state"], jax.random.key(0))
     return m
 
   rows["empty_scan"] = median_time(run_empty, _REPEATS.value)

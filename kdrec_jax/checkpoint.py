@@ -15,18 +15,30 @@ from kdrec_jax import faults
 class PhaseCheckpoints:
   """Saves and restores a phase's train state (a pytree) under `<root>/<phase>/<epoch>`."""
 
-  def __init__(self, root: str, phase: str, max_to_keep: int = 2):
+  def __init__(self, root: str, phase: str, max_to_keep: int = 2, keep_epochs=()):
+    """`keep_epochs`: epochs whose checkpoints are kept beyond `max_to_keep` (e.g. a teacher's
+    training trajectory, for methods that distil from it)."""
     self.directory = os.path.abspath(os.path.join(root, phase))
     self.max_to_keep = max_to_keep
+    self.keep_epochs = frozenset(int(e) for e in keep_epochs)
     self._manager = self._new_manager()
 
   def _new_manager(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True))
+    if not self.keep_epochs:
+      options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True)
+    else:  # the latest `max_to_keep`, and every epoch in `keep_epochs`
+      policies = ocp.checkpoint_managers
+      options = ocp.CheckpointManagerOptions(create=True, preservation_policy=(
+          policies.AnyPreservationPolicy([
+              policies.LatestN(n=self.max_to_keep),
+              policies.CustomSteps(steps=sorted(self.keep_epochs))])))
+    return ocp.CheckpointManager(self.directory, options=options)
 
   def latest_epoch(self) -> Optional[int]:
     return self._manager.latest_step()
+
+  def all_epochs(self) -> list[int]:
+    return list(self._manager.all_steps())
 
   def save(self, epoch: int, tree: Any) -> None:
     """Saves `tree` as `epoch` (a no-op if that epoch is already the latest checkpoint)."""

@@ -1,12 +1,17 @@
-"""The data-parallel axis and the collectives methods use inside the per-device train step.
+"""The data-parallel axis and the global-batch helpers the train step hands to methods.
 
 The step runs per device (pmap semantics) under `jax.shard_map` over the 1-D mesh axis `AXIS`.
 Losses that couple the batch (sums over its unique users or items, similarity matrices) gather
 the global batch's ids (never parameters), so every device computes the same global term; each
-device then contributes `replicated_share(term)`, and the step's gradient mean over devices
-restores the whole term. 4 devices thus give the result of 1.
+device then contributes its share of it, and the step's gradient mean over devices restores the
+whole term. 4 devices thus give the result of 1. Methods never see the device count: the step
+puts `GLOBAL` in the batch view (`batch['global']`) and a method calls its `unique`, `gather`
+and `share`.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,3 +43,23 @@ def global_unique(ids: jax.Array, valid: jax.Array, fill: int) -> tuple[jax.Arra
 def replicated_share(x):
   """This device's share of a term that every device computes identically."""
   return jax.tree.map(lambda v: v / device_count(), x)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class GlobalBatch:
+  """Global-batch helpers for methods whose loss couples the batch (inside the step).
+
+  unique(ids, valid, fill) -> (unique, mask): the sorted unique valid ids of the global batch,
+    padded with `fill` to a static size, the same on every device.
+  gather(x): this device's [b, ...] slices of the global batch, concatenated in device order.
+  share(term): this device's share of a term every device computes identically from the
+    gathered batch (a pytree), so that the step's sum over devices is the term once.
+  A static pytree (no leaves): a batch holding it passes through jit, vmap and shard_map.
+  """
+  unique: Callable
+  gather: Callable
+  share: Callable
+
+
+GLOBAL = GlobalBatch(unique=global_unique, gather=gather, share=replicated_share)

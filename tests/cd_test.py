@@ -127,7 +127,7 @@ def test_teacher_and_student_guided_pools(citeulike_file):
     exp = train.Experiment(cfg)
     keys = jax.random.split(jax.random.key(0), 2)
     params = {m: exp.models[m].init(k) for m, k in zip(("teacher", "student"), keys)}
-    static = exp.prepare(params["teacher"])
+    static = exp.prepare({"teacher": params["teacher"]})
     assert bool(static) == (guide == "teacher")  # the teacher's pool is built once
     cache, _ = exp.refresh(static, params, {}, jax.random.key(1), 0)
     items, valid = np.asarray(cache["items"]), np.asarray(cache["valid"])

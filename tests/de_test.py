@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import KD_CONFIG_FILE, load_config_module, quick_config
-from kdrec_jax import methods, train
+from kdrec_jax import methods, parallel, train
 from kdrec_jax import models as kmodels
 from kdrec_jax.methods import de
 from kdrec_jax.parallel import AXIS
@@ -220,7 +220,8 @@ def _method_setup(num_experts=3, lambda_de=0.05):
   batch = {"user": jnp.array([0, 3, 3, 5, 0, 2, 3, 6], jnp.int32),
            "pos": jnp.array([1, 4, 1, 8, 2, 2, 4, 7], jnp.int32),
            "neg": {"student": jnp.array([5, 5, 0, 3, 6, 0, 3, 3], jnp.int32)},
-           "weight": jnp.array([1, 1, 1, 1, 1, 1, 1, 0], jnp.float32)}
+           "weight": jnp.array([1, 1, 1, 1, 1, 1, 1, 0], jnp.float32),
+           "global": parallel.GLOBAL}
   return cfg, models, method, params, batch
 
 
@@ -320,7 +321,7 @@ class MethodTest(chex.TestCase):
   def test_user_batched_models_rejected(self):
     _, models, _, _, _ = _method_setup()
     users_batched = dict(models, student=models["student"]._replace(name="cdae",
-                                                                    batching="users"))
+                                                                    batching=kmodels.USERS))
     cfg = ml_collections.ConfigDict(dict(name="de", lambda_de=0.05, num_experts=3,
                                          end_temperature=1e-10))
     with pytest.raises(ValueError, match="'de' needs models trained on"):
@@ -363,13 +364,8 @@ def de_setup(citeulike_file):
   cfg.warmup.models = ("teacher",)
   cfg.distill.method = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0))
   exp = train.Experiment(cfg)
-  opts = exp.optimizers(cfg.distill, exp.method.learners)
-  state = train.init_state(exp.key, exp.models, opts, exp.method)
-  state["hparams"] = exp.hparams()
-  phase = train.Phase("distill", exp.method.learners, True)
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               exp.data.num_items)
-  return cfg, exp, state, step
+  program = train.build_phase(exp, "distill")
+  return cfg, exp, program.initial_state(), program
 
 
 def _copy(tree):
@@ -378,17 +374,14 @@ def _copy(tree):
 
 @needs_4_devices
 def test_distill_epoch_4_devices_matches_1(de_setup):
-  cfg, exp, state0, step = de_setup
-  assert "opt" not in state0["teacher"] and "opt" in state0["method"]
+  cfg, exp, state0, _ = de_setup
+  assert "teacher" not in state0.opt and "method" in state0.opt
   key = jax.random.key(11)
-  out = {}
-  for n in (4, 1):
-    epoch, _ = train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)
-    out[n] = jax.device_get(epoch(_copy(state0), exp.examples, key))
+  out = {n: jax.device_get(train.build_phase(exp, "distill", num_devices=n).run_epoch(
+      _copy(state0), key)) for n in (4, 1)}
   (s4, m4), (s1, m1) = out[4], out[1]
   for learner in ("student", "method"):
-    chex.assert_trees_all_close(s4[learner]["params"], s1[learner]["params"], rtol=1e-5,
-                                atol=1e-6)
+    chex.assert_trees_all_close(s4.params[learner], s1.params[learner], rtol=1e-5, atol=1e-6)
   assert set(m4) == set(m1) >= {"de_user", "de_item", "loss_student", "loss_method"}
   chex.assert_trees_all_close(m4, m1, rtol=1e-5)
   # loss_method = lambda_de L_DE; the student adds it to its own BPR loss.
@@ -396,20 +389,20 @@ def test_distill_epoch_4_devices_matches_1(de_setup):
   np.testing.assert_allclose(m1["loss_method"], kd, rtol=1e-5)
   np.testing.assert_allclose(m1["loss_student"], m1["cf_student"] + kd, rtol=1e-5)
   # The teacher is frozen; the student and the experts move.
-  chex.assert_trees_all_equal(s1["teacher"]["params"], jax.device_get(state0["teacher"]["params"]))
+  chex.assert_trees_all_equal(s1.params["teacher"], jax.device_get(state0.params["teacher"]))
   for learner in ("student", "method"):
-    moved = jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), s1[learner]["params"],
-                         jax.device_get(state0[learner]["params"]))
+    moved = jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), s1.params[learner],
+                         jax.device_get(state0.params[learner]))
     assert min(jax.tree.leaves(moved)) > 0, learner
 
 
 def test_epochs_trace_once_and_anneal(de_setup):
-  cfg, exp, state0, step = de_setup
+  cfg, exp, state0, _ = de_setup
   chex.clear_trace_counter()
-  traced = chex.assert_max_traces(step, n=1)
-  epoch, _ = train.make_epoch(traced, train.make_mesh(1), exp.num_examples, cfg.batch_size)
+  traced = train.build_phase(exp, "distill", num_devices=1,
+                             wrap_step=lambda step: chex.assert_max_traces(step, n=1))
   key = jax.random.key(3)
-  metrics = [jax.device_get(epoch(_copy(state0), exp.examples, key, e))[1] for e in (0, 1, 2)]
+  metrics = [jax.device_get(traced.run_epoch(_copy(state0), key, e))[1] for e in (0, 1, 2)]
   # Same start and key: only the temperature differs between the epochs.
   np.testing.assert_allclose(metrics[0]["cf_student"], metrics[1]["cf_student"], rtol=0.05)
   for a, b in ((0, 1), (1, 2)):

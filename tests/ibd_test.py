@@ -411,39 +411,18 @@ def ibd_config(data_path: str, cdae: bool = False, **overrides):
   return apply_overrides(cfg, overrides)
 
 
-def _phase_state(exp, opts):
-  state = train.init_state(exp.key, exp.models, opts, exp.method)
-  state["hparams"] = exp.hparams()
-  return state
-
-
-def _refresh(exp, state, epoch):
-  """The refresh at `epoch` (as train._refresh: the snapshot's params, the carry); returns
-  its statistics."""
-  params = {m: state[m]["params"] for m in MODELS}
-  cache, carry = exp.refresh({}, params, state["carry"], jax.random.key(epoch), epoch)
-  stats = cache.pop("metrics", None)
-  state["cache"] = cache
-  state["carry"] = carry
-  return stats
-
-
 def _train(cfg, epochs: int, num_devices: int = 1):
   """`epochs` distillation epochs from the seed's fresh models, each after a refresh; returns
   (state, [epoch metrics], [refresh statistics])."""
   exp = train.Experiment(cfg)
-  opts = exp.optimizers(cfg.distill)
-  state = _phase_state(exp, opts)
-  step = train.make_train_step(train.Phase("distill", MODELS, True), exp.models, exp.method,
-                               opts, exp.train_csr, exp.data.num_items)
-  mesh = train.make_mesh(num_devices)
-  run, _ = train.make_epoch(step, mesh, exp.num_examples, cfg.batch_size)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  program = train.build_phase(exp, "distill", num_devices=num_devices)
+  state = program.initial_state()
   metrics, stats = [], []
   for e in range(epochs):
-    stats.append(_refresh(exp, state, e))
-    state = jax.device_put(state, replicated)  # as train._run_phase: one compilation
-    state, m = run(state, exp.examples, jax.random.key(100 + e), e)
+    state, st = program.refresh(state, jax.random.key(100), e)
+    stats.append(st)
+    state = program.replicate(state)  # as the phase loop does: one compilation
+    state, m = program.run_epoch(state, jax.random.key(100 + e), e)
     metrics.append(_np(m))
   return _np(state), metrics, [_np(s) for s in stats]
 
@@ -457,7 +436,7 @@ def test_beta_zero_is_bd_bit_for_bit(citeulike_file, cdae):
   s_b, m_b, st_b = _train(ibd_config(citeulike_file, method__name="bd", **kw), 2)
   assert all(s is None for s in st_b)
   for m in MODELS:
-    chex.assert_trees_all_equal(s_i[m], s_b[m])  # params and optimizer states
+    chex.assert_trees_all_equal((s_i.params[m], s_i.opt[m]), (s_b.params[m], s_b.opt[m]))
   for a, b in zip(m_i, m_b):
     chex.assert_trees_all_equal(a, b)
   # The feedback did select items: only beta = 0 made them count nothing.
@@ -497,35 +476,30 @@ def test_4_devices_equal_1_and_record_holds_the_draws(citeulike_file, cdae):
   exp = train.Experiment(cfg)
   by_users = cdae
   method = _logged(exp.method, by_users)
-  opts = exp.optimizers(cfg.distill)
-  phase = train.Phase("distill", MODELS, True)
-  step = train.make_train_step(phase, exp.models, method, opts, exp.train_csr,
-                               exp.data.num_items)
-  epoch = {n: train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)[0]
-           for n in (1, 4)}
+  program = {n: train.build_phase(exp, "distill", num_devices=n, method=method)
+             for n in (1, 4)}
   shape = (exp.data.num_users, exp.data.num_items)
   empty_log = lambda: {n: jnp.zeros(shape, jnp.int32) for n in DIRS}  # noqa: E731
+  with_log = lambda state: state.replace(carry=dict(state.carry, log=empty_log()))  # noqa: E731
+  without_log = lambda state: state.replace(carry={k: v for k, v in state.carry.items()  # noqa
+                                                   if k != "log"})
   # Round 0 on one device, then the refresh of round 1 (with feedback): the common start.
-  state = _phase_state(exp, opts)
-  _refresh(exp, state, 0)
-  state, _ = epoch[1](dict(state, carry=dict(state["carry"], log=empty_log())), exp.examples,
-                      jax.random.key(1), 0)
-  state["carry"].pop("log")
-  stats = _refresh(exp, state, 1)
+  state, _ = program[1].refresh(program[1].initial_state(), jax.random.key(0), 0)
+  state, _ = program[1].run_epoch(with_log(state), jax.random.key(1), 0)
+  state, stats = program[1].refresh(without_log(state), jax.random.key(0), 1)
   assert float(stats["student"]["boosted"]) > 0
-  state["carry"]["log"] = empty_log()
-  start = _np(state)  # uncommitted copies, placed by each mesh
-  out = {n: _np(epoch[n](jax.tree.map(jnp.asarray, start), exp.examples, jax.random.key(2), 1))
+  start = _np(with_log(state))  # uncommitted copies, placed by each mesh
+  out = {n: _np(program[n].run_epoch(jax.tree.map(jnp.asarray, start), jax.random.key(2), 1))
          for n in (4, 1)}
   (s4, m4), (s1, m1) = out[4], out[1]
-  chex.assert_trees_all_equal(s4["carry"], s1["carry"])  # records, log, history, prev
+  chex.assert_trees_all_equal(s4.carry, s1.carry)  # records, log, history, prev
   for m in MODELS:
-    chex.assert_trees_all_close(s4[m]["params"], s1[m]["params"], rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(s4.params[m], s1.params[m], rtol=1e-4, atol=1e-5)
   for k in m1:
     np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-4, err_msg=k)
   for name in DIRS:
-    drawn = s1["carry"]["log"][name] > 0
-    recorded = np.asarray(ibd.unpack_bits(s1["carry"]["record"][name], exp.data.num_items))
+    drawn = s1.carry["log"][name] > 0
+    recorded = np.asarray(ibd.unpack_bits(s1.carry["record"][name], exp.data.num_items))
     np.testing.assert_array_equal(recorded, drawn, err_msg=name)
     per_user = drawn.sum(1)
     assert per_user.min() > 0

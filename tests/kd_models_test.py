@@ -30,28 +30,20 @@ def test_every_method_trains_with_graph_and_neural_models(citeulike_file, model,
     cfg = kd_config(citeulike_file, method, num_devices=1, teacher=_model(model, 8),
                     student=_model(model, 4))
     exp = train.Experiment(cfg)
-    phase = train.Phase("distill", tuple(exp.method.learners), True)
-    opts = exp.optimizers(cfg.distill, phase.train)
-    state = train.init_state(exp.key, exp.models, opts, exp.method)
-    state["hparams"] = exp.hparams()
-    state["static"] = exp.prepare(state["teacher"]["params"])
-    if exp.method.refresh is not None:
-      state["cache"], state["carry"] = exp.refresh(
-          state["static"], {m: state[m]["params"] for m in train.MODELS}, state["carry"],
-          jax.random.key(0), 0)
+    program = train.build_phase(exp, "distill")
+    state = program.initial_state()
+    if program.uses_refresh:
+      state, _ = program.refresh(state, jax.random.key(0), 0)
     before = jax.device_get(state)
-    step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                                 exp.data.num_items)
-    epoch, _ = train.make_epoch(step, train.make_mesh(1), exp.num_examples, cfg.batch_size)
-    after, metrics = jax.device_get(epoch(state, exp.examples, jax.random.key(1), 0))
+    after, metrics = jax.device_get(program.run_epoch(state, jax.random.key(1), 0))
     assert all(np.isfinite(float(v)) for v in metrics.values()), (method, metrics)
     kd_terms = [k for k in metrics if not k.startswith(("cf_", "loss_", "examples"))]
     assert kd_terms and any(float(metrics[k]) > 0 for k in kd_terms), (method, metrics)
-    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(after["student"]["params"]),
-                                                  jax.tree.leaves(before["student"]["params"]))]
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(after.params["student"]),
+                                                  jax.tree.leaves(before.params["student"]))]
     assert max(moved) > 1e-5, method
-    for a, b in zip(jax.tree.leaves(after["teacher"]["params"]),
-                    jax.tree.leaves(before["teacher"]["params"])):
+    for a, b in zip(jax.tree.leaves(after.params["teacher"]),
+                    jax.tree.leaves(before.params["teacher"])):
       np.testing.assert_array_equal(a, b)
 
 

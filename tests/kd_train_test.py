@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import kd_config
-from kdrec_jax import checkpoint, data, metrics, train
+from kdrec_jax import checkpoint, data, metrics, train, workdir
 from kdrec_jax.checkpoint import PhaseCheckpoints
 from kdrec_jax.data.interactions import Interactions
 
@@ -169,23 +169,16 @@ def test_frozen_teacher_is_left_out_of_the_step_state_updates(teacher_dir, citeu
   """One distillation epoch moves the student only; the teacher has no optimizer state."""
   cfg = kd_config(citeulike_file, "rrd", num_devices=1, teacher_init=teacher_dir)
   exp = train.Experiment(cfg)
-  phase = train.Phase("distill", exp.method.learners, True)
-  opts = exp.optimizers(cfg.distill, phase.train)
-  teacher = train.load_teacher(teacher_dir, exp.models["teacher"].init(jax.random.key(0)))
-  state = train._initial_state(exp, phase, opts, {"teacher": teacher})
-  assert "opt" not in state["teacher"] and "opt" in state["student"]
-  state["hparams"] = exp.hparams()
-  state["static"] = exp.prepare(state["teacher"]["params"])
-  state["cache"], state["carry"] = exp.refresh(state["static"], {"teacher": teacher}, {},
-                                               jax.random.key(1), 0)
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               exp.data.num_items)
-  epoch, _ = train.make_epoch(step, train.make_mesh(1), exp.num_examples, cfg.batch_size)
-  before = jax.tree.map(np.asarray, state["teacher"]["params"])
-  student_before = jax.tree.map(np.asarray, state["student"]["params"])
-  out, m = epoch(state, exp.examples, jax.random.key(2), 0)
+  program = train.build_phase(exp, "distill")
+  teacher = workdir.load_teacher(teacher_dir, exp.models["teacher"].init(jax.random.key(0)))
+  state = program.initial_state({"teacher": teacher})
+  assert "teacher" not in state.opt and "student" in state.opt
+  state, _ = program.refresh(state, jax.random.key(1), 0)
+  before = jax.tree.map(np.asarray, state.params["teacher"])
+  student_before = jax.tree.map(np.asarray, state.params["student"])
+  out, m = program.run_epoch(state, jax.random.key(2), 0)
   for k in before:
-    np.testing.assert_array_equal(np.asarray(out["teacher"]["params"][k]), before[k])
-    assert np.abs(np.asarray(out["student"]["params"][k]) - student_before[k]).max() > 1e-4
+    np.testing.assert_array_equal(np.asarray(out.params["teacher"][k]), before[k])
+    assert np.abs(np.asarray(out.params["student"][k]) - student_before[k]).max() > 1e-4
   assert "cf_teacher" not in m and "loss_teacher" not in m  # its own loss is not computed
   assert float(m["rrd"]) > 0

@@ -353,3 +353,98 @@ def test_batch_l2_matches_numpy():
                              rtol=1e-6)
   with pytest.raises(ValueError, match="batch_l2"):
     models.make(ml_collections.ConfigDict(dict(name="neumf", dim=3, batch_l2=0.1)), 4, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# kdrec_jax.losses: one convention (scores on the last axis, where=, weights=, reduce_fn=)
+# ---------------------------------------------------------------------------------------------
+
+from kdrec_jax import losses  # noqa: E402
+
+
+def _np_pl(ordered, below):
+  """The relaxed ranking loss of one row, by its definition (float64)."""
+  s, b = np.asarray(ordered, np.float64), np.asarray(below, np.float64)
+  return -sum(s[k] - np.log(np.exp(s[k:]).sum() + np.exp(b).sum()) for k in range(len(s)))
+
+
+def test_sigmoid_cross_entropy_golden():
+  scores, labels = jnp.array([[0.0, 2.0, -1.0]]), jnp.array([[1.0, 0.25, 0.0]])
+  want = _bce([0.0, 2.0, -1.0], np.array([1.0, 0.25, 0.0]))
+  np.testing.assert_allclose(np.asarray(losses.sigmoid_cross_entropy(scores, labels,
+                                                                     reduce_fn=None))[0],
+                             want, rtol=1e-6)
+  w = jnp.array([[2.0, 1.0, 0.5]])
+  np.testing.assert_allclose(float(losses.sigmoid_cross_entropy(scores, labels, weights=w)),
+                             float(np.sum(np.array([2.0, 1.0, 0.5]) * want)), rtol=1e-6)
+  where = jnp.array([[True, False, True]])
+  np.testing.assert_allclose(float(losses.sigmoid_cross_entropy(scores, labels, where=where)),
+                             want[0] + want[2], rtol=1e-6)
+  # log 2 at score 0 and label 1: hand value.
+  assert float(losses.sigmoid_cross_entropy(jnp.zeros(1), jnp.ones(1))) == pytest.approx(
+      math.log(2.0), rel=1e-6)
+
+
+def test_log_sigmoid_loss_golden():
+  scores = jnp.array([1.0, 0.0, -2.0])
+  want = -np.log(_sigmoid([1.0, 0.0, -2.0]))  # 0.3132617, 0.6931472, 2.1269280
+  np.testing.assert_allclose(want, [0.3132617, 0.6931472, 2.1269280], rtol=1e-6)
+  np.testing.assert_allclose(float(losses.log_sigmoid_loss(scores)), want.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(losses.log_sigmoid_loss(scores, weights=jnp.array(
+      [1.0, 0.0, 0.5]))), want[0] + 0.5 * want[2], rtol=1e-6)
+
+
+def test_relaxed_ranking_loss_golden():
+  rng = np.random.default_rng(0)
+  s, b = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+  got = np.asarray(losses.relaxed_ranking_loss(jnp.asarray(s), jnp.asarray(b), reduce_fn=None))
+  np.testing.assert_allclose(got, [_np_pl(s[i], b[i]) for i in range(3)], rtol=1e-5)
+  # Excluded slots are as if absent: row 0 with ordered slot 1 and pooled slots 0, 3 left out.
+  where = np.ones((3, 4), bool)
+  where[0, 1] = False
+  pooled_where = np.ones((3, 5), bool)
+  pooled_where[0, [0, 3]] = False
+  got = np.asarray(losses.relaxed_ranking_loss(jnp.asarray(s), jnp.asarray(b),
+                                               where=jnp.asarray(where),
+                                               pooled_where=jnp.asarray(pooled_where),
+                                               reduce_fn=None))
+  np.testing.assert_allclose(got[0], _np_pl(s[0, [0, 2, 3]], b[0, [1, 2, 4]]), rtol=1e-5)
+  # Two items in order, nothing below: -(s1 - log(e^s1 + e^s2)) - 0 = log(1 + e^(s2 - s1)).
+  two = losses.relaxed_ranking_loss(jnp.array([2.0, 0.0]), jnp.array([0.0]),
+                                    pooled_where=jnp.array([False]))
+  assert float(two) == pytest.approx(math.log(1.0 + math.exp(-2.0)), rel=1e-6)
+
+
+def test_squared_error_golden():
+  pred, target = jnp.array([[1.0, 2.0], [0.0, 0.0]]), jnp.array([[1.5, 0.0], [3.0, 4.0]])
+  np.testing.assert_allclose(np.asarray(losses.squared_error(pred, target, reduce_fn=None)),
+                             [4.25, 25.0], rtol=1e-6)
+  assert float(losses.squared_error(pred, target, where=jnp.array([True, False]))) == 4.25
+
+
+_ALL_LOSSES = {
+    "sigmoid_cross_entropy": lambda s, where: losses.sigmoid_cross_entropy(
+        s, jnp.full(s.shape, 0.3), where=where),
+    "log_sigmoid_loss": lambda s, where: losses.log_sigmoid_loss(s, where=where),
+    "relaxed_ranking_loss": lambda s, where: losses.relaxed_ranking_loss(
+        s, s[..., ::-1], where=where, pooled_where=where[..., ::-1]),
+    "squared_error": lambda s, where: losses.squared_error(
+        s, jnp.ones(s.shape), where=jnp.all(where, axis=-1)),  # per row
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ALL_LOSSES))
+def test_all_masked_is_zero_with_finite_gradients(name):
+  """Every loss: entries excluded by `where` contribute exactly 0 and get zero, finite
+  gradients, even with -inf and huge scores; all excluded gives 0."""
+  fn = _ALL_LOSSES[name]
+  scores = jnp.array([[-jnp.inf, 1e30, 3.0], [0.5, -jnp.inf, jnp.inf]])
+  none = jnp.zeros(scores.shape, bool)
+  value, grad = jax.value_and_grad(lambda s: fn(s, none))(scores)
+  assert float(value) == 0.0
+  assert np.all(np.asarray(grad) == 0.0)
+  # Finite entries kept, the others excluded: a finite value and finite gradients.
+  keep = jnp.isfinite(scores) & (jnp.abs(scores) < 1e6)
+  value, grad = jax.value_and_grad(lambda s: fn(s, keep))(scores)
+  assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+  assert np.all(np.asarray(grad)[~np.asarray(keep)] == 0.0)

@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO_ROOT, load_config_module
 from kdrec_jax import data as kdata
 from kdrec_jax import metrics, models, ranking, sparse, train
+from kdrec_jax import step as kstep
 from kdrec_jax.data import Interactions
 from kdrec_jax.models import cdae, lightgcn, neumf
 
@@ -65,7 +66,7 @@ def test_shapes(name, tiny):
 
   @jax.jit
   def outputs(params):
-    if model.batching == "users":
+    if model.batching.kind == "users":
       logits = model.forward(params, users, jax.random.split(jax.random.key(1), 3))
       assert logits.shape == (3, tiny.num_items)
       mask = jax.nn.one_hot(items, tiny.num_items)
@@ -390,15 +391,11 @@ def test_lightgcn_bd_step_propagates_once_per_model(citeulike_file, monkeypatch)
   cfg.data.path, cfg.num_devices, cfg.batch_size = citeulike_file, 1, 32
   cfg.teacher.dim, cfg.student.dim = 8, 3
   exp = train.Experiment(cfg)
-  opts = exp.optimizers(cfg.distill)
-  state = train.init_state(exp.key, exp.models, opts, exp.method)
-  state["hparams"] = exp.hparams()
-  state["cache"], state["carry"] = exp.refresh(
-      {}, {m: state[m]["params"] for m in train.MODELS}, {}, jax.random.key(0), 0)
+  program = train.build_phase(exp, "distill")
+  state, _ = program.refresh(program.initial_state(), jax.random.key(0), 0)
   idx = np.arange(32)
   batch = {"user": exp.examples["user"][idx], "pos": exp.examples["pos"][idx],
            "index": jnp.arange(32, dtype=jnp.int32), "weight": jnp.ones(32, jnp.float32)}
-  phase, mesh = train.Phase("distill", train.MODELS, True), train.make_mesh(1)
   calls = {"n": 0}
   propagate = lightgcn.propagate
 
@@ -412,9 +409,9 @@ def test_lightgcn_bd_step_propagates_once_per_model(citeulike_file, monkeypatch)
     ms = dict(exp.models)
     if variant == "plain":
       ms = {m: model._replace(prepare=lambda p: p) for m, model in ms.items()}
-    step = train.make_train_step(phase, ms, exp.method, opts, exp.train_csr, exp.data.num_items)
+    step = train.build_phase(exp, "distill", models=ms).step
     calls["n"] = 0
-    fn = jax.jit(train.shard(step, mesh))
+    fn = jax.jit(kstep.shard(step, kstep.make_mesh(1)))
     results[variant] = jax.device_get(fn(state, batch, jax.random.key(1)))
     counts[variant] = calls["n"]
   print(f"propagations traced per step: {counts}")
@@ -425,7 +422,7 @@ def test_lightgcn_bd_step_propagates_once_per_model(citeulike_file, monkeypatch)
     np.testing.assert_allclose(np.asarray(m_a[k]), np.asarray(m_b[k]), rtol=1e-5, err_msg=k)
   for m in train.MODELS:
     for k in ("user", "item"):
-      np.testing.assert_allclose(s_a[m]["params"][k], s_b[m]["params"][k], rtol=1e-5,
+      np.testing.assert_allclose(s_a.params[m][k], s_b.params[m][k], rtol=1e-5,
                                  atol=1e-6, err_msg=f"{m}.{k}")
 
 
@@ -465,7 +462,7 @@ def _train(model, data, steps, batch_size, lr, weight_decay, seed=0):
   ones = jnp.ones(batch_size)
 
   def batch_loss(params, k):
-    if model.batching == "users":
+    if model.batching.kind == "users":
       k_idx, k_neg, k_drop = jax.random.split(k, 3)
       users = jax.random.randint(k_idx, (batch_size,), 0, data.num_users)
       pos = sparse.row_mask(train, users, data.num_items)

@@ -204,7 +204,7 @@ def _setup(budget_mb: float = 2048, **overrides):
 
 def _prepare(method, teacher_params):
   with ranking.x64():  # as train.Experiment.prepare runs it
-    return jax.jit(method.prepare)(teacher_params)
+    return jax.jit(method.prepare)({"teacher": teacher_params})
 
 
 def _view(static):

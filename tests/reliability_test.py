@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, quick_config
+from kdrec_jax import progress as progress_mod
 from kdrec_jax import train
+from kdrec_jax import workdir as workdir_mod
 from kdrec_jax.checkpoint import PhaseCheckpoints
 
 
@@ -78,7 +80,7 @@ def test_force_resume_flag_reaches_the_run(tmp_path):
 def test_busy_workdir_is_refused(citeulike_file, tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  with train._WorkdirLock(workdir):
+  with workdir_mod.WorkdirLock(workdir):
     with pytest.raises(train.WorkdirError, match=f"in use by a running run \\(pid {os.getpid()}"):
       train.train_and_evaluate(_cfg(citeulike_file), workdir)
   # Released: the run goes ahead.
@@ -145,7 +147,7 @@ class _Terminal:
 def test_progress_line_on_a_terminal_only(monkeypatch):
   term = _Terminal()
   monkeypatch.setattr("sys.stderr", term)
-  progress = train.Progress("distill", total=10, start=0)
+  progress = progress_mod.Progress("distill", total=10, start=0)
   progress.update(4, "loss S 0.5")
   assert term.text.startswith("\r[distill] ") and "4/10 epochs  loss S 0.5" in term.text
   assert "left" in term.text and "\n" not in term.text
@@ -154,13 +156,13 @@ def test_progress_line_on_a_terminal_only(monkeypatch):
   piped = _Terminal()
   piped.isatty = lambda: False
   monkeypatch.setattr("sys.stderr", piped)
-  quiet = train.Progress("distill", total=10, start=0)
+  quiet = progress_mod.Progress("distill", total=10, start=0)
   quiet.update(3, "loss S 0.4")
   quiet.clear()
   assert piped.text == ""  # logs piped to a file stay clean
   # ipykernel imported (e.g. by a notebook runner) but no kernel running: still quiet, no error
   import ipykernel  # noqa: F401
-  outside = train.Progress("distill", total=10, start=0)
+  outside = progress_mod.Progress("distill", total=10, start=0)
   assert outside.mode is None
   outside.update(2, "loss S 0.3")
 

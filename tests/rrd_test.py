@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import kd_config
-from kdrec_jax import ranking, sparse, train
+from kdrec_jax import parallel, ranking, sparse, train
+from kdrec_jax import step as kstep
 from kdrec_jax.methods import dcd, rrd
 from ranking_test import CHI2_999, assert_ordered_pairs, np_ranks
 
@@ -98,7 +99,7 @@ def test_rrd_refresh_sets(citeulike_file):
   cfg = kd_config(citeulike_file, "rrd", num_devices=1)
   exp = train.Experiment(cfg)
   teacher = exp.models["teacher"].init(jax.random.key(4))
-  static = exp.prepare(teacher)
+  static = exp.prepare({"teacher": teacher})
   cache, _ = exp.refresh(static, {"teacher": teacher}, {}, jax.random.key(5), 0)
   m, k, n_un = cfg.method.top_m, cfg.method.num_interesting, cfg.method.num_uninteresting
   users = jnp.arange(exp.data.num_users)
@@ -118,7 +119,7 @@ def test_rrd_refresh_sets(citeulike_file):
   # Over the memory budget the lists are recomputed from the teacher: the same sets.
   cfg0 = kd_config(citeulike_file, "rrd", num_devices=1, method__lists_budget_mb=0)
   exp0 = train.Experiment(cfg0)
-  assert exp0.prepare(teacher) == {}
+  assert exp0.prepare({"teacher": teacher}) == {}
   cache0, _ = exp0.refresh({}, {"teacher": teacher}, {}, jax.random.key(5), 0)
   chex.assert_trees_all_equal(jax.device_get(cache0), jax.device_get(cache))
 
@@ -163,7 +164,7 @@ def test_dcd_refresh_draws_from_the_teacher_list(citeulike_file):
   exp = train.Experiment(cfg)
   params = {m: exp.models[m].init(k) for m, k in zip(("teacher", "student"),
                                                       jax.random.split(jax.random.key(7)))}
-  static = exp.prepare(params["teacher"])
+  static = exp.prepare({"teacher": params["teacher"]})
   cache, _ = exp.refresh(static, params, {}, jax.random.key(8), 0)
   top = np.asarray(static["items"])
   for name in ("under", "over"):
@@ -180,22 +181,12 @@ def test_unique_user_losses_4_devices_match_1(citeulike_file, method):
   """The batch's unique users are gathered across devices: 4 devices give 1 device's epoch."""
   cfg = kd_config(citeulike_file, method, num_devices=1)
   exp = train.Experiment(cfg)
-  phase = train.Phase("distill", exp.method.learners, True)
-  opts = exp.optimizers(cfg.distill, phase.train)
-  state = train.init_state(exp.key, exp.models, opts, exp.method)
-  state["hparams"] = exp.hparams()
-  state["static"] = exp.prepare(state["teacher"]["params"])
-  state["cache"], _ = exp.refresh(state["static"], {m: state[m]["params"] for m in train.MODELS},
-                                  {}, jax.random.key(1), 0)
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               exp.data.num_items)
-  out = {}
-  for n in (4, 1):
-    epoch, _ = train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)
-    out[n] = jax.device_get(epoch(jax.tree.map(jnp.copy, state), exp.examples,
-                                  jax.random.key(2), 0))
+  program = train.build_phase(exp, "distill")
+  state, _ = program.refresh(program.initial_state(), jax.random.key(1), 0)
+  out = {n: jax.device_get(train.build_phase(exp, "distill", num_devices=n).run_epoch(
+      jax.tree.map(jnp.copy, state), jax.random.key(2), 0)) for n in (4, 1)}
   (s4, m4), (s1, m1) = out[4], out[1]
-  chex.assert_trees_all_close(s4["student"]["params"], s1["student"]["params"], rtol=1e-5,
+  chex.assert_trees_all_close(s4.params["student"], s1.params["student"], rtol=1e-5,
                               atol=1e-6)
   assert set(m4) == set(m1) and float(m1[method]) > 0
   for k in m1:
@@ -213,18 +204,18 @@ def test_loss_sums_over_the_batch_unique_users(citeulike_file, method):
   exp = train.Experiment(cfg)
   params = {m: exp.models[m].init(k) for m, k in zip(("teacher", "student"),
                                                       jax.random.split(jax.random.key(3)))}
-  static = exp.prepare(params["teacher"])
+  static = exp.prepare({"teacher": params["teacher"]})
   cache, _ = exp.refresh(static, params, {}, jax.random.key(4), 0)
   users = jnp.array([5, 9, 5, 17, 9, 30, 2, 2], jnp.int32)
   weight = jnp.array([1, 1, 1, 1, 1, 0, 1, 1], jnp.float32)  # user 30: padding only
-  batch = {"user": users, "weight": weight}
+  batch = {"user": users, "weight": weight, "global": parallel.GLOBAL}
   view = {"static": static, "cache": cache, "carry": {}, "hparams": exp.hparams(), "epoch": 0}
 
   def run(view, batch):
     samples = exp.method.sample(view, batch, None, jax.random.key(0))
     return exp.method.loss(params, batch, samples, dict(view["hparams"], epoch=0))
 
-  mesh = train.make_mesh(1)
+  mesh = kstep.make_mesh(1)
   (terms, aux) = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(jax.P(), jax.P("data")),
                                        out_specs=jax.P(), check_vma=False))(view, batch)
   first, second = ("interesting", "uninteresting") if method == "rrd" else ("under", "over")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, kd_config, load_config_module
-from kdrec_jax import methods, train
+from kdrec_jax import methods, parallel, train
 from kdrec_jax import models as kmodels
 from kdrec_jax.methods import ftd, htd
 from kdrec_jax.parallel import AXIS
@@ -284,7 +284,8 @@ def _setup(name, **extra):
   batch = {"user": jnp.array([0, 3, 3, 5, 0, 2, 3, 6], jnp.int32),
            "pos": jnp.array([1, 4, 1, 8, 2, 2, 4, 7], jnp.int32),
            "neg": {"student": jnp.array([5, 5, 0, 3, 6, 1, 3, 3], jnp.int32)},
-           "weight": jnp.array([1, 1, 1, 1, 1, 1, 1, 0], jnp.float32)}
+           "weight": jnp.array([1, 1, 1, 1, 1, 1, 1, 0], jnp.float32),
+           "global": parallel.GLOBAL}
   hp = dict({k: jnp.float32(v) for k, v in method.hparams.items()}, epoch=jnp.int32(2))
   return cfg, models, method, params, batch, hp
 
@@ -412,7 +413,7 @@ class MethodTest(chex.TestCase):
 
   def test_errors(self):
     models = {"teacher": _bpr(D_T), "student": _bpr(D_S)}
-    cdae = dict(models, student=models["student"]._replace(name="cdae", batching="users"))
+    cdae = dict(models, student=models["student"]._replace(name="cdae", batching=kmodels.USERS))
     for name in ("ftd", "htd"):
       cfg = ml_collections.ConfigDict(dict(name=name, lambda_td=0.01))
       with pytest.raises(ValueError, match=f"'{name}' needs models trained on"):
@@ -476,18 +477,14 @@ def _epoch_setup(citeulike_file, name):
   if name == "htd":
     cfg.method.anneal_epochs = 4  # T = 1, 1e-2.5, 1e-5 at epochs 0, 1, 2
   exp = train.Experiment(cfg)
-  opts = exp.optimizers(cfg.distill, exp.method.learners)
-  state = train.init_state(exp.key, exp.models, {"student": opts["student"]})
-  if exp.method.init is not None:  # as init_state would, without compiling the flax init
+  method = exp.method
+  if method.init is not None:  # random params of the method's shapes, without the flax init
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: jnp.asarray(rng.uniform(-0.3, 0.3, x.shape), x.dtype),
                           jax.eval_shape(exp.method.init, jax.random.key(0)))
-    state["method"] = {"params": params, "opt": opts["method"].init(params)}
-  state["hparams"] = exp.hparams()
-  phase = train.Phase("distill", exp.method.learners, True)
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               exp.data.num_items)
-  return cfg, exp, state, step
+    method = method._replace(init=lambda key: params)
+  program = train.build_phase(exp, "distill", method=method)
+  return cfg, exp, program.initial_state(), program
 
 
 def _copy(tree):
@@ -497,17 +494,15 @@ def _copy(tree):
 @needs_4_devices
 @pytest.mark.parametrize("name", ["ftd", "htd"])
 def test_distill_epoch_4_devices_matches_1(epoch_setup, name):
-  cfg, exp, state0, step = epoch_setup(name)
+  cfg, exp, state0, program = epoch_setup(name)
   learners = exp.method.learners
   key = jax.random.key(11)
-  out = {}
-  for n in (4, 1):
-    epoch, _ = train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)
-    out[n] = jax.device_get(epoch(_copy(state0), exp.examples, key, 0))
+  out = {n: jax.device_get(train.build_phase(exp, "distill", num_devices=n,
+                                             method=program.method).run_epoch(
+                                                 _copy(state0), key, 0)) for n in (4, 1)}
   (s4, m4), (s1, m1) = out[4], out[1]
   for learner in learners:
-    chex.assert_trees_all_close(s4[learner]["params"], s1[learner]["params"], rtol=1e-5,
-                                atol=1e-6)
+    chex.assert_trees_all_close(s4.params[learner], s1.params[learner], rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(m4, m1, rtol=1e-5)
   if name == "ftd":
     kd = cfg.method.lambda_td * m1["ftd"]
@@ -518,20 +513,20 @@ def test_distill_epoch_4_devices_matches_1(epoch_setup, name):
     np.testing.assert_allclose(m1["loss_method"], kd, rtol=1e-5)
   np.testing.assert_allclose(m1["loss_student"], m1["cf_student"] + kd, rtol=1e-5)
   # The teacher is frozen; the learners move.
-  chex.assert_trees_all_equal(s1["teacher"]["params"], jax.device_get(state0["teacher"]["params"]))
+  chex.assert_trees_all_equal(s1.params["teacher"], jax.device_get(state0.params["teacher"]))
   for learner in learners:
-    moved = jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), s1[learner]["params"],
-                         jax.device_get(state0[learner]["params"]))
+    moved = jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), s1.params[learner],
+                         jax.device_get(state0.params[learner]))
     assert min(jax.tree.leaves(moved)) > 0, learner
 
 
 def test_htd_epochs_trace_once_and_anneal(epoch_setup):
-  cfg, exp, state0, step = epoch_setup("htd")
+  cfg, exp, state0, program = epoch_setup("htd")
   chex.clear_trace_counter()
-  traced = chex.assert_max_traces(step, n=1)
-  epoch, _ = train.make_epoch(traced, train.make_mesh(1), exp.num_examples, cfg.batch_size)
+  traced = train.build_phase(exp, "distill", num_devices=1, method=program.method,
+                             wrap_step=lambda step: chex.assert_max_traces(step, n=1))
   key = jax.random.key(3)
-  metrics = [jax.device_get(epoch(_copy(state0), exp.examples, key, e))[1] for e in (0, 1, 2)]
+  metrics = [jax.device_get(traced.run_epoch(_copy(state0), key, e))[1] for e in (0, 1, 2)]
   for m in metrics:
     assert all(np.isfinite(float(v)) for v in m.values())
   # Same start and key: only the temperature differs, which changes the GA term.

@@ -15,7 +15,7 @@ import pytest
 from absl import logging
 
 from conftest import REPO_ROOT
-from kdrec_jax import train
+from kdrec_jax import parallel, schedule, step as kstep, train
 from kdrec_jax.checkpoint import PhaseCheckpoints
 
 MODELS = train.MODELS
@@ -35,32 +35,37 @@ def _np(tree):
 
 @pytest.fixture(scope="module")
 def distill_setup(citeulike_file):
-  """An Experiment, the distill phase's step and a start state with the method's tables."""
+  """An Experiment, the distill phase's program and a start state with the method's tables."""
   from conftest import quick_config
   cfg = quick_config(citeulike_file, num_devices=1)
   exp = train.Experiment(cfg)
-  opts = exp.optimizers(cfg.distill)
-  state = _distill_state(exp, opts)
-  phase = train.Phase("distill", MODELS, True)
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               exp.data.num_items)
-  return cfg, exp, opts, state, step
+  program = train.build_phase(exp, "distill")
+  return cfg, exp, program, _distill_state(program), program.step
 
 
-def _distill_state(exp, opts):
-  """A fresh state with the method's hyperparameters and the cache of a refresh at epoch 0."""
-  state = train.init_state(exp.key, exp.models, opts, exp.method)
-  state["snapshot"] = {m: _copy(state[m]["params"]) for m in MODELS}
-  state["hparams"] = exp.hparams()
-  state["cache"], state["carry"] = exp.refresh({}, state["snapshot"], {}, jax.random.key(0), 0)
-  return state
+def _distill_state(program):
+  """The phase's start state with the cache of a refresh at epoch 0."""
+  return program.refresh(program.initial_state(), jax.random.key(0), 0)[0]
+
+
+def _epoch(program, n):
+  """The program's epoch on `n` devices."""
+  return train.build_phase(program.exp, program.phase, num_devices=n, method=program.method,
+                           optimizers=program.optimizers)
 
 
 def _assert_params_close(a, b, rtol=1e-5, atol=1e-6):
   for m in MODELS:
     for k in ("user", "item"):
-      np.testing.assert_allclose(np.asarray(a[m]["params"][k]), np.asarray(b[m]["params"][k]),
+      np.testing.assert_allclose(np.asarray(_params(a)[m][k]), np.asarray(_params(b)[m][k]),
                                  rtol=rtol, atol=atol, err_msg=f"{m}.{k}")
+
+
+def _params(state):
+  """{model: params} of a TrainState or of a checkpoint tree ({model: {'params'}})."""
+  if isinstance(state, kstep.TrainState):
+    return state.params
+  return {m: state[m]["params"] for m in MODELS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,16 +74,17 @@ def _assert_params_close(a, b, rtol=1e-5, atol=1e-6):
 
 @needs_4_devices
 def test_distill_epoch_4_devices_matches_1(distill_setup):
-  cfg, exp, _, state0, step = distill_setup
+  cfg, exp, program0, state0, _ = distill_setup
   key = jax.random.key(123)
   out = {}
   for n in (4, 1):
-    epoch, steps = train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)
-    assert steps == -(-exp.data.num_train // cfg.batch_size)
-    out[n] = _np(epoch(_copy(state0), exp.examples, key))
+    program = _epoch(program0, n)
+    assert program.steps == -(-exp.data.num_train // cfg.batch_size)
+    steps = program.steps
+    out[n] = _np(program.run_epoch(_copy(state0), key))
   (s4, m4), (s1, m1) = out[4], out[1]
   _assert_params_close(s4, s1)
-  assert int(s4["step"]) == int(s1["step"]) == steps
+  assert int(s4.step) == int(s1.step) == steps
   assert set(m4) == set(m1)
   for k in m1:
     np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-5, err_msg=k)
@@ -93,8 +99,8 @@ def test_distill_epoch_4_devices_matches_1(distill_setup):
                              float(m1["cf_teacher"]) + cfg.method.lambda_st * float(
                                  m1["bd_teacher"]), rtol=1e-5)
   # Training moved the params.
-  assert np.abs(s1["student"]["params"]["item"]
-                - np.asarray(state0["student"]["params"]["item"])).max() > 1e-3
+  assert np.abs(s1.params["student"]["item"]
+                - np.asarray(state0.params["student"]["item"])).max() > 1e-3
 
 
 @needs_4_devices
@@ -105,15 +111,11 @@ def test_pre_drawn_bd_epoch_4_devices_matches_1(citeulike_file):
   cfg = quick_config(citeulike_file, num_devices=1, method__sampling_state="draws",
                      method__refresh_every=2)
   exp = train.Experiment(cfg)
-  opts = exp.optimizers(cfg.distill)
-  state0 = _distill_state(exp, opts)
-  assert set(state0["cache"]) == {"draws_student", "draws_teacher", "draws_epoch"}
-  step = train.make_train_step(train.Phase("distill", MODELS, True), exp.models, exp.method,
-                               opts, exp.train_csr, exp.data.num_items)
-  out = {}
-  for n in (4, 1):
-    epoch, _ = train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)
-    out[n] = _np(epoch(_copy(state0), exp.examples, jax.random.key(5), 1))
+  program = train.build_phase(exp, "distill")
+  state0 = _distill_state(program)
+  assert set(state0.cache) == {"draws_student", "draws_teacher", "draws_epoch"}
+  out = {n: _np(_epoch(program, n).run_epoch(_copy(state0), jax.random.key(5), 1))
+         for n in (4, 1)}
   (s4, m4), (s1, m1) = out[4], out[1]
   _assert_params_close(s4, s1)
   for k in m1:
@@ -136,17 +138,13 @@ def test_user_batched_distill_epoch_4_devices_matches_1(citeulike_file):
   cfg = _cdae_config(citeulike_file, num_devices=1, batch_size=16)
   exp = train.Experiment(cfg)
   assert exp.num_examples == exp.data.num_users and set(exp.examples) == {"user"}
-  opts = exp.optimizers(cfg.distill)
-  state0 = _distill_state(exp, opts)
-  step = train.make_train_step(train.Phase("distill", MODELS, True), exp.models, exp.method,
-                               opts, exp.train_csr, exp.data.num_items)
-  out = {}
-  for n in (4, 1):
-    epoch, steps = train.make_epoch(step, train.make_mesh(n), exp.num_examples, cfg.batch_size)
-    out[n] = _np(epoch(_copy(state0), exp.examples, jax.random.key(5)))
+  program = train.build_phase(exp, "distill")
+  state0 = _distill_state(program)
+  out = {n: _np(_epoch(program, n).run_epoch(_copy(state0), jax.random.key(5)))
+         for n in (4, 1)}
   (s4, m4), (s1, m1) = out[4], out[1]
   for m in MODELS:
-    for a, b in zip(jax.tree.leaves(s4[m]["params"]), jax.tree.leaves(s1[m]["params"])):
+    for a, b in zip(jax.tree.leaves(s4.params[m]), jax.tree.leaves(s1.params[m])):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=m)
   for k in m1:
     np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-4, err_msg=k)
@@ -154,8 +152,8 @@ def test_user_batched_distill_epoch_4_devices_matches_1(citeulike_file):
   np.testing.assert_allclose(float(m1["loss_teacher"]),
                              float(m1["cf_teacher"]) + cfg.method.lambda_st * float(
                                  m1["bd_teacher"]), rtol=1e-5)
-  moved = np.abs(s1["teacher"]["params"]["dec"]["w"]
-                 - np.asarray(state0["teacher"]["params"]["dec"]["w"])).max()
+  moved = np.abs(s1.params["teacher"]["dec"]["w"]
+                 - np.asarray(state0.params["teacher"]["dec"]["w"])).max()
   assert moved > 1e-4
 
 
@@ -178,21 +176,21 @@ def _batch(exp, size=32, offset=5):
 def test_single_step_4_devices_matches_1(distill_setup):
   cfg, exp, _, state0, step = distill_setup
   batch, key = _batch(exp), jax.random.key(7)
-  out = {n: _np(train.p_train_step(step, train.make_mesh(n))(_copy(state0), batch, key))
+  out = {n: _np(kstep.p_train_step(step, kstep.make_mesh(n))(_copy(state0), batch, key))
          for n in (4, 1)}
   (s4, m4), (s1, m1) = out[4], out[1]
   _assert_params_close(s4, s1)
   for k in m1:
     np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-5, err_msg=k)
   assert float(m1["examples"]) == 29.0
-  assert int(s1["step"]) == int(np.asarray(state0["step"])) + 1
+  assert int(s1.step) == int(np.asarray(state0.step)) + 1
   # First Adam step with no weight decay: rows with a gradient move by ~lr (|m/sqrt(v)| = 1),
   # users outside the batch do not move at all.
   lr = cfg.distill.student.lr
   in_batch = np.zeros(exp.data.num_users, bool)
   in_batch[np.asarray(batch["user"])[np.asarray(batch["weight"]) > 0]] = True
   for m in MODELS:
-    delta = np.abs(s1[m]["params"]["user"] - np.asarray(state0[m]["params"]["user"]))
+    delta = np.abs(s1.params[m]["user"] - np.asarray(state0.params[m]["user"]))
     assert np.all(delta[~in_batch] == 0), m
     assert np.all(delta[in_batch] > 0.5 * lr) and np.all(delta <= lr * 1.001), m
 
@@ -202,13 +200,13 @@ def test_pmap_form_matches_shard_map(distill_setup):
   _, exp, _, state0, step = distill_setup
   batch, key = _batch(exp), jax.random.key(7)
   try:
-    pstep = jax.pmap(step, axis_name=train.AXIS, in_axes=(None, 0, None),
+    pstep = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(None, 0, None),
                      out_axes=(None, None))
     split = jax.tree.map(lambda x: x.reshape(4, -1), batch)
     s_p, m_p = _np(pstep(_copy(state0), split, key))
   except (NotImplementedError, AttributeError) as e:  # pragma: no cover
     pytest.skip(f"jax.pmap unusable in jax {jax.__version__}: {e}")
-  s_s, m_s = _np(train.p_train_step(step, train.make_mesh(4))(_copy(state0), batch, key))
+  s_s, m_s = _np(kstep.p_train_step(step, kstep.make_mesh(4))(_copy(state0), batch, key))
   _assert_params_close(s_p, s_s, rtol=1e-6, atol=1e-7)
   for k in m_s:
     np.testing.assert_allclose(float(m_p[k]), float(m_s[k]), rtol=1e-6, err_msg=k)
@@ -218,18 +216,16 @@ def test_pmap_form_matches_shard_map(distill_setup):
 def test_frozen_teacher_in_warmup_is_bit_identical(distill_setup):
   cfg, exp, _, _, _ = distill_setup
   opts = exp.optimizers(cfg.warmup)
-  state0 = train.init_state(jax.random.key(5), exp.models, opts)
+  state0 = kstep.init_state(jax.random.key(5), exp.models, opts)
   before = _np(state0)
-  phase = train.Phase("warmup", ("student",), False)
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               exp.data.num_items)
-  epoch, _ = train.make_epoch(step, train.make_mesh(4), exp.num_examples, cfg.batch_size)
-  after, metrics = _np(epoch(_copy(state0), exp.examples, jax.random.key(9)))
+  program = train.build_phase(exp, kstep.Phase("warmup", ("student",), False), num_devices=4,
+                              optimizers=opts)
+  after, metrics = _np(program.run_epoch(_copy(state0), jax.random.key(9)))
   for k in ("user", "item"):
-    np.testing.assert_array_equal(after["teacher"]["params"][k], before["teacher"]["params"][k])
-    assert np.abs(after["student"]["params"][k] - before["student"]["params"][k]).max() > 1e-3
-  for a, b in zip(jax.tree.leaves(after["teacher"]["opt"]),
-                  jax.tree.leaves(before["teacher"]["opt"])):
+    np.testing.assert_array_equal(after.params["teacher"][k], before.params["teacher"][k])
+    assert np.abs(after.params["student"][k] - before.params["student"][k]).max() > 1e-3
+  for a, b in zip(jax.tree.leaves(after.opt["teacher"]),
+                  jax.tree.leaves(before.opt["teacher"])):
     np.testing.assert_array_equal(a, b)
   assert float(metrics["examples"]) == exp.data.num_train
   assert "bd_student" not in metrics  # no distillation in warm-up
@@ -254,11 +250,10 @@ def _metrics_only(results):
 
 def _restore_distill(cfg, workdir):
   exp = train.Experiment(cfg)
-  state = train.init_state(exp.key, exp.models, exp.optimizers(cfg.distill, MODELS))
+  program = train.build_phase(exp, "distill")
   ckpt = PhaseCheckpoints(os.path.join(workdir, "checkpoints"), "distill")
   assert ckpt.latest_epoch() == cfg.distill.epochs
-  like = {"step": state["step"], **{m: state[m] for m in MODELS},  # what a distill checkpoint holds
-          "snapshot": {m: state[m]["params"] for m in MODELS}}
+  like = schedule.saved(program.initial_state(), program.phase, {})  # a distill checkpoint
   return _np(ckpt.restore(like))
 
 
@@ -458,6 +453,6 @@ def test_results_record_provenance_and_student_vs_teacher(uninterrupted_run):
   # The share from the restored final params, by hand (MRR per user: 1 / best held-out rank).
   state = _restore_distill(cfg, workdir)
   mrr = {m: exp.evaluators["test"].per_user(exp.models[m].score_all, state[m]["params"])["MRR"]
-         for m in MODELS}
+         for m in MODELS}  # (a checkpoint tree: {model: {'params', 'opt'}})
   assert results["phases"]["distill"]["student_beats_teacher"]["overall"] == pytest.approx(
       float(np.mean(mrr["student"] > mrr["teacher"])))

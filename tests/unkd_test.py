@@ -171,7 +171,7 @@ def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file):
     exp = train.Experiment(cfg)
     data = exp.data
     teacher = exp.models["teacher"].init(jax.random.key(0))
-    static = exp.prepare(teacher)
+    static = exp.prepare({"teacher": teacher})
     assert bool(static) == bool(budget)
     cache, _ = exp.refresh(static, {"teacher": teacher}, {}, jax.random.key(1), 0)
     pos, neg, ok = (np.asarray(cache[k]) for k in ("pos", "neg", "valid"))

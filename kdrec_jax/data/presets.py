@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from kdrec_jax.data import data_config
+from kdrec_jax.data.config import data_config
 
 # Foursquare's utcTimestamp, e.g. 'Tue Apr 03 18:00:09 +0000 2012'.
 FOURSQUARE_TIME = "%a %b %d %H:%M:%S %z %Y"

@@ -22,15 +22,18 @@ class Method(NamedTuple):
     each learner's own loss. outputs: {'teacher', 'student'}: the models' params (pair batches)
     or training-mode logits [B, I] (user batches), plus 'method': the method's params if any.
     batch: {'user' [B], 'pos' [B] (pairs), 'neg': {model: [B]} (the models' own negatives,
-    pairs), 'weight' [B] (0 for padding)}. hp: the traced hyperparameters (`hparams`) plus
-    'epoch' (int32). Terms are this device's share of a sum over the global batch: losses over
-    a set gathered from all devices (e.g. the batch's unique users) divide by the device count
-    (`parallel.replicated_share`).
+    pairs), 'weight' [B] (0 for padding), 'global': the global-batch helpers
+    (`parallel.GlobalBatch`)}. hp: the traced hyperparameters (`hparams`) plus 'epoch' (int32).
+    Terms are this device's part of a sum over the global batch: a per-example sum over this
+    device's rows as it is, and a term computed from the global batch (e.g. over its unique users,
+    `batch['global'].unique`) as `batch['global'].share(term)`.
   sample(view, batch, keys, key) -> samples: per-example draws (keys: one PRNG key per example,
     so results do not depend on how the batch is split over devices) and global ones (key: the
     same on every device). view: {'static', 'cache', 'carry', 'hparams', 'epoch'}.
-  prepare(teacher_params) -> static: per-phase constants computed once from the frozen teacher
-    (e.g. its top-M unobserved items per user, under a memory budget); jittable.
+  prepare(frozen) -> static: per-phase constants computed once from the frozen teachers
+    (frozen: {name: params}: 'teacher', each of `config.teachers` by name and their trajectory
+    checkpoints as '<name>@<epoch>'), e.g. the teacher's top-M unobserved items per user, under
+    a memory budget; jittable.
   refresh(static, params, carry, key, epoch) -> (cache, carry): per-period state (sampling
     tables, per-epoch random sets) from the models' params, every `refresh_every` epochs
     (0: once, at the start of the phase). Deterministic in its inputs, so a checkpoint stores
@@ -43,6 +46,8 @@ class Method(NamedTuple):
     the checkpoint keeps.
   cf_negatives(samples, uniform) -> {model: neg [B]}: negatives for the models' own losses, when
     a method replaces the uniform ones.
+  report(experiment, params) -> dict: an analysis of both models added to a phase's final results
+    when both are evaluated (BD: `student_beats_teacher`).
   """
   name: str
   loss: Callable
@@ -57,6 +62,7 @@ class Method(NamedTuple):
   init_carry: Optional[Callable[[], Any]] = None
   update_carry: Optional[Callable] = None
   cf_negatives: Optional[Callable] = None
+  report: Optional[Callable] = None
 
   @property
   def teacher_to_student(self) -> bool:
@@ -76,6 +82,6 @@ def make(cfg, models, data) -> Method:
 def require_pairs(name: str, models) -> None:
   """A clear error for methods defined on (user, positive) pair batches."""
   for role in ("teacher", "student"):
-    if models[role].batching != "pairs":
+    if models[role].batching.kind != "pairs":
       raise ValueError(f"method {name!r} needs models trained on (user, item) pairs; the "
                        f"{role} {models[role].name!r} trains on batches of {models[role].batching}")

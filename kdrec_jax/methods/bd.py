@@ -48,9 +48,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from kdrec_jax import ranking, sparse
+from kdrec_jax import losses, ranking, sparse
 from kdrec_jax.methods import Method
 
 
@@ -78,10 +77,15 @@ def discrepancy_weights(rank_t: jax.Array, rank_s: jax.Array, eps_t: float, eps_
   return w_student, w_teacher
 
 
+def soft_labels(guide_logits: jax.Array, tau) -> jax.Array:
+  """The guide's softened prediction sigma(sg(z_guide) / tau), the learner's target."""
+  return jax.nn.sigmoid(jax.lax.stop_gradient(guide_logits) / tau)
+
+
 def distill_bce(learner_logits: jax.Array, guide_logits: jax.Array, tau) -> jax.Array:
   """Elementwise BCE of sigma(learner) against the stop-gradient soft label sigma(guide / tau)."""
-  target = jax.nn.sigmoid(jax.lax.stop_gradient(guide_logits) / tau)
-  return optax.sigmoid_binary_cross_entropy(learner_logits, target)
+  return losses.sigmoid_cross_entropy(learner_logits, soft_labels(guide_logits, tau),
+                                      reduce_fn=None)
 
 
 def table_bytes(num_users: int, num_items: int) -> int:
@@ -139,6 +143,29 @@ def choose_sampling_state(cfg, num_users: int, num_items: int, num_pairs: int, b
 POSITIVE_SCORES = ("rank", "zero")
 
 
+def student_beats_teacher(exp, params, num_bins: int = 4) -> dict:
+  """BD's motivating observation, measured: the share of test users whose held-out item the
+  student ranks strictly above the teacher does (best held-out rank, i.e. per-user MRR), over
+  all users and by user activity (`num_bins` quantile bins of training interactions).
+  `exp`: the run's `Experiment`; params: {'teacher', 'student'}."""
+  ev = exp.evaluators["test"]
+  mrr = {m: ev.per_user(exp.models[m].score_all, params[m], exp.eval_key)["MRR"]
+         for m in ("teacher", "student")}
+  better = mrr["student"] > mrr["teacher"]
+  activity = np.diff(exp.data.split("train")[0])[ev.users]
+  edges = np.unique(np.quantile(activity, np.linspace(0, 1, num_bins + 1)).round())
+  bins = []
+  for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+    last = i == len(edges) - 2
+    sel = (activity >= lo) & ((activity <= hi) if last else (activity < hi))
+    if sel.any():
+      bins.append({"range": [int(lo), int(hi)], "share": float(better[sel].mean()),
+                   "users": int(sel.sum())})
+  return {"overall": float(better.mean()), "ties": float((mrr["student"] == mrr["teacher"]
+                                                            ).mean()),
+          "users": int(len(better)), "by_activity": bins}
+
+
 def user_ranks(models, train: sparse.DeviceCSR, num_items: int, mask_positives: bool, params,
                users: jax.Array, positive_scores: str = "rank", rank_buckets: int = 0
                ) -> tuple[jax.Array, jax.Array]:
@@ -166,7 +193,7 @@ def user_ranks(models, train: sparse.DeviceCSR, num_items: int, mask_positives: 
     if mask_positives:
       return ranks_of(scores, mask)
     if positive_scores == "zero":
-      out = jax.nn.sigmoid(scores) if model.name == "cdae" else scores
+      out = model.probabilities(scores) if model.probabilities else scores
       return ranks_of(jnp.where(mask, 0.0, out))
     return ranks_of(scores)
 
@@ -199,7 +226,7 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
   indptr, indices = data.split("train")
   train = sparse.DeviceCSR.from_numpy(indptr, indices)
   chunk = min(cfg.refresh_chunk, num_users)
-  by_users = models["teacher"].batching == "users"
+  by_users = models["teacher"].batching.kind == "users"
   mode = choose_sampling_state(cfg, num_users, num_items, len(indices), by_users)
   use_tables, use_draws = mode == "tables", mode == "draws"
   logging.info("BD sampling state: %s", mode)
@@ -326,7 +353,7 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
       else:  # picked: item ids [B, n]
         z_learner = models[learner].score(outputs[learner], users, picked)
         z_guide = models[guide].score(outputs[guide], users, picked)
-      bce = jnp.sum(w * distill_bce(z_learner, z_guide, hp["tau"]))
+      bce = losses.sigmoid_cross_entropy(z_learner, soft_labels(z_guide, hp["tau"]), weights=w)
       out[learner] = lam * bce
       aux[f"bd_{learner}"] = bce
       aux[f"valid_{learner}"] = jnp.sum(weight * valid)
@@ -342,6 +369,8 @@ def make(cfg, models, data, feedback: Optional[Feedback] = None) -> Method:
     raise ValueError("bpr_negative='bd_sample' needs pair-batched models (one BD item per pair); "
                      f"{models['teacher'].name!r} trains on user batches")
   return Method(name="bd", loss=loss, learners=("teacher", "student"), sample=sample,
+                report=lambda exp, params: {
+                    "student_beats_teacher": student_beats_teacher(exp, params)},
                 refresh=refresh, refresh_every=cfg.refresh_every,
                 refresh_reads=("teacher", "student"),
                 hparams={"tau": cfg.tau, "lambda_ts": cfg.lambda_ts, "lambda_st": cfg.lambda_st},

@@ -24,9 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from kdrec_jax import ranking, sparse
+from kdrec_jax import losses, ranking, sparse
 from kdrec_jax.methods import Method, require_pairs
 
 GUIDES = ("teacher", "student")
@@ -48,10 +47,15 @@ def rank_log_probs(pool_size: int, temperature: float, sampler: str = "tournamen
   return np.log(tail ** 2 - nxt ** 2).astype(np.float32)
 
 
+def soft_labels(teacher_logits: jax.Array, t1, t2) -> jax.Array:
+  """The teacher's soft label for missing feedback, sigma((sg(z_T) + t2) / t1)."""
+  return jax.nn.sigmoid((jax.lax.stop_gradient(teacher_logits) + t2) / t1)
+
+
 def soft_label_bce(student_logits: jax.Array, teacher_logits: jax.Array, t1, t2) -> jax.Array:
   """Elementwise BCE of sigma(z_S) against the stop-gradient soft label sigma((z_T + t2) / t1)."""
-  target = jax.nn.sigmoid((jax.lax.stop_gradient(teacher_logits) + t2) / t1)
-  return optax.sigmoid_binary_cross_entropy(student_logits, target)
+  return losses.sigmoid_cross_entropy(student_logits, soft_labels(teacher_logits, t1, t2),
+                                      reduce_fn=None)
 
 
 def draw_from_pool(key: jax.Array, users: jax.Array, items: jax.Array, valid: jax.Array,
@@ -80,8 +84,9 @@ def make(cfg, models, data) -> Method:
   log_probs = jnp.asarray(rank_log_probs(pool_size, cfg.rank_temperature,
                                          cfg.get("sampler", "tournament")))
 
-  def prepare(teacher_params):
+  def prepare(frozen):
     """The teacher's pool, once (teacher guide, under the memory budget)."""
+    teacher_params = frozen["teacher"]
     return lists.build(teacher_params) if guide == "teacher" else {}
 
   def refresh(static, params, carry, key, epoch):
@@ -102,7 +107,7 @@ def make(cfg, models, data) -> Method:
     z_s = models["student"].score(outputs["student"], users, items)
     z_t = models["teacher"].score(outputs["teacher"], users, items)
     w = weight[:, None] * valid
-    bce = jnp.sum(w * soft_label_bce(z_s, z_t, hp["t1"], hp["t2"]))
+    bce = losses.sigmoid_cross_entropy(z_s, soft_labels(z_t, hp["t1"], hp["t2"]), weights=w)
     return {"student": hp["lambda_kd"] * bce}, {"cd": bce, "cd_items": jnp.sum(w)}
 
   return Method(name="cd", loss=loss, learners=("student",), sample=sample, prepare=prepare,

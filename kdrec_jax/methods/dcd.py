@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from kdrec_jax import ranking, sparse
 from kdrec_jax.methods import Method, require_pairs
 from kdrec_jax.methods.rrd import listwise_loss, unique_user_rows
-from kdrec_jax import parallel
 
 
 def correction_weights(rank_s: jax.Array, rank_t: jax.Array, temperature) -> tuple:
@@ -89,11 +88,11 @@ def make(cfg, models, data) -> Method:
     return unique_user_rows(view["cache"], batch, num_users)
 
   def loss(outputs, batch, samples, hp):
-    share, _ = listwise_loss(models, outputs, samples, "under", "over")
+    share, _ = listwise_loss(models, outputs, batch, samples, "under", "over")
     return ({"student": hp["lambda_kd"] * share},
-            {"dcd": share, "dcd_users": parallel.replicated_share(jnp.sum(samples["mask"]))})
+            {"dcd": share, "dcd_users": batch["global"].share(jnp.sum(samples["mask"]))})
 
   return Method(name="dcd", loss=loss, learners=("student",), sample=sample,
-                prepare=lists.build, refresh=refresh,
+                prepare=lambda frozen: lists.build(frozen["teacher"]), refresh=refresh,
                 refresh_every=int(cfg.get("refresh_every", 1)),
                 refresh_reads=("teacher", "student"), hparams={"lambda_kd": cfg.lambda_kd})

@@ -17,9 +17,9 @@ student's loss gains lambda_de L_DE, which also trains the experts (learner 'met
 temperature anneals per epoch, T(e) = max(T_0 (T_end / T_0)^(e / anneal_epochs), T_end), from the
 traced epoch (no recompilation), so the selection becomes a hard (one-hot) choice of an expert.
 
-Data parallelism: every device gathers the global batch's ids (`parallel.global_unique`), draws
+Data parallelism: every device gathers the global batch's ids (`batch['global'].unique`), draws
 the same Gumbel noise from the replicated key, computes the same global L_DE and contributes its
-`parallel.replicated_share`, so 4 devices give the result of 1.
+share (`batch['global'].share`), so 4 devices give the result of 1.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdrec_jax import methods, parallel
+from kdrec_jax import losses, methods
 from kdrec_jax.methods import Method
 
 EPS = 1e-10  # inside log(alpha + EPS), as the authors' code
@@ -120,8 +120,7 @@ def de_loss(module: DistillationExperts, params, student: jax.Array, teacher: ja
   gumbel [n, M], mask [n] (False: padding, contributes 0). params: `module`'s 'params'."""
   teacher = jax.lax.stop_gradient(teacher)
   pred, _ = module.apply({"params": params}, student, teacher, gumbel, temperature)
-  sq = jnp.sum(jnp.square(teacher - pred), axis=-1)
-  return jnp.sum(jnp.where(mask, sq, 0.0))
+  return losses.squared_error(pred, teacher, where=mask)
 
 
 def _repr_dims(model) -> tuple[int, int]:
@@ -167,14 +166,13 @@ def make(cfg, models, data) -> Method:
     for name, ids, fill, k in zip(("user", "pos", "neg"),
                                   (batch["user"], batch["pos"], batch["neg"]["student"]),
                                   (num_users, num_items, num_items), jax.random.split(key, 3)):
-      unique, mask = parallel.global_unique(ids, valid, fill=fill)
+      unique, mask = batch["global"].unique(ids, valid, fill=fill)
       out[name] = {"ids": jnp.where(mask, unique, 0), "mask": mask,
                    "gumbel": jax.random.gumbel(k, (unique.shape[0], num_experts), jnp.float32)}
     return out
 
   def loss(outputs, batch, samples, hp):
     """lambda_de L_DE for the student and the experts (this device's share)."""
-    del batch
     temperature = temperature_at(hp["epoch"], end_t, anneal, start_t)
     users = samples["user"]["ids"]
     items = jnp.concatenate([samples["pos"]["ids"], samples["neg"]["ids"]])
@@ -188,8 +186,8 @@ def make(cfg, models, data) -> Method:
                             reps["teacher"][j][rows], s["gumbel"], s["mask"], temperature)
     de_user = terms["user"]
     de_item = 0.5 * (terms["pos"] + terms["neg"])
-    term = parallel.replicated_share(hp["lambda_de"] * (de_user + de_item))
-    aux = parallel.replicated_share({"de_user": de_user, "de_item": de_item})
+    term = batch["global"].share(hp["lambda_de"] * (de_user + de_item))
+    aux = batch["global"].share({"de_user": de_user, "de_item": de_item})
     # The step sums the learners' terms into one loss: the student's term carries the gradient
     # for both the student and the experts; the experts' own entry only reports the value.
     return {"student": term, "method": jax.lax.stop_gradient(term)}, aux

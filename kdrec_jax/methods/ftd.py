@@ -18,17 +18,17 @@ The student's loss gains lambda_td L_FTD (the authors' guide notebook: lambda_td
 Static shapes: E has S user slots and 2 S item slots (S = the global batch size), the slots past
 the unique ids padded and masked; pairs with a padded slot contribute 0.
 
-Data parallelism: every device gathers the global batch's ids (`parallel.global_unique`),
-computes the same global L_FTD and contributes its `parallel.replicated_share`, so 4 devices give
-the result of 1. The helpers here (`cosine_sim`, `entity_sets`, `stacked_representations`) are
-shared with HTD (`methods/htd.py`).
+Data parallelism: every device gathers the global batch's ids (`batch['global'].unique`),
+computes the same global L_FTD and contributes its share (`batch['global'].share`), so 4
+devices give the result of 1. The helpers here (`cosine_sim`, `entity_sets`,
+`stacked_representations`) are shared with HTD (`methods/htd.py`).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from kdrec_jax import methods, parallel
+from kdrec_jax import methods
 from kdrec_jax.methods import Method
 
 MODELS = ("teacher", "student")
@@ -81,9 +81,9 @@ def entity_sets(batch, num_users: int, num_items: int) -> dict:
   size; ids past the unique ones are 0 and masked), identical on every device.
   """
   valid = batch["weight"] > 0
-  users, u_mask = parallel.global_unique(batch["user"], valid, fill=num_users)
+  users, u_mask = batch["global"].unique(batch["user"], valid, fill=num_users)
   pairs = jnp.stack([batch["pos"], batch["neg"]["student"]], axis=1)  # [b, 2]
-  items, i_mask = parallel.global_unique(pairs, jnp.broadcast_to(valid[:, None], pairs.shape),
+  items, i_mask = batch["global"].unique(pairs, jnp.broadcast_to(valid[:, None], pairs.shape),
                                          fill=num_items)
   return {"user": {"ids": jnp.where(u_mask, users, 0), "mask": u_mask},
           "item": {"ids": jnp.where(i_mask, items, 0), "mask": i_mask}}
@@ -139,11 +139,10 @@ def make(cfg, models, data) -> Method:
 
   def loss(outputs, batch, samples, hp):
     """lambda_td L_FTD for the student (this device's share)."""
-    del batch
     reps, mask = stacked_representations(models, outputs, samples)
     value = ftd_loss(reps["student"], reps["teacher"], mask)
-    term = parallel.replicated_share(hp["lambda_td"] * value)
-    return {"student": term}, parallel.replicated_share({"ftd": value})
+    term = batch["global"].share(hp["lambda_td"] * value)
+    return {"student": term}, batch["global"].share({"ftd": value})
 
   return Method(name="ftd", loss=loss, learners=("student",), sample=sample,
                 hparams={"lambda_td": float(cfg.lambda_td)})

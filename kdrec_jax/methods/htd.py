@@ -40,7 +40,7 @@ the group ids; prototypes are the one-hot matmul Z^T s / |g|. Masks replace bool
 
 Data parallelism: every device gathers the global batch's ids, draws the same Gumbel noise from
 the replicated key, computes the same global L_HTD and contributes its
-`parallel.replicated_share`, so 4 devices give the result of 1.
+share (`batch['global'].share`), so 4 devices give the result of 1.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kdrec_jax import methods, parallel
+from kdrec_jax import methods
 from kdrec_jax.methods import Method, de, ftd
 
 SIDES = ("user", "item")
@@ -140,7 +140,6 @@ def make(cfg, models, data) -> Method:
 
   def loss(outputs, batch, samples, hp):
     """lambda_td L_HTD for the student and the GA networks (this device's share)."""
-    del batch
     temperature = de.temperature_at(hp["epoch"], end_t, anneal, start_t)
     reps, mask = ftd.stacked_representations(models, outputs, samples)
     n_users = samples["user"]["ids"].shape[0]
@@ -157,8 +156,8 @@ def make(cfg, models, data) -> Method:
                                   mask, 2 * k, choice)
     alpha = hp["alpha"]
     value = alpha * (entity + group) + (1.0 - alpha) * ga
-    term = parallel.replicated_share(hp["lambda_td"] * value)
-    aux = parallel.replicated_share({"htd_entity": entity, "htd_group": group, "htd_ga": ga})
+    term = batch["global"].share(hp["lambda_td"] * value)
+    aux = batch["global"].share({"htd_entity": entity, "htd_group": group, "htd_ga": ga})
     # The step sums the learners' terms into one loss: the student's term carries the gradient
     # for both the student and the GA networks; the networks' own entry only reports the value.
     return {"student": term, "method": jax.lax.stop_gradient(term)}, aux

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdrec_jax import parallel, ranking, sparse
+from kdrec_jax import ranking, sparse
 from kdrec_jax.methods import Method, bd
 
 # The learner of each direction: 'student' is T->S (weights b_S), 'teacher' is S->T (b_T).
@@ -244,7 +244,7 @@ def make(cfg, models, data) -> Method:
                                float(cfg.gamma))
   strict, use_random = bool(cfg.strict), cfg.feedback == "random"
   train = sparse.DeviceCSR.from_numpy(*data.split("train"))
-  by_users = models["teacher"].batching == "users"
+  by_users = models["teacher"].batching.kind == "users"
   f32 = jnp.float32
 
   def rows(snapshot, carry, key, epoch, users, ranks, weights):
@@ -310,16 +310,17 @@ def make(cfg, models, data) -> Method:
   def update_carry(carry, batch, samples):
     """Records this step's draws (all devices' batches, so every device's carry is the same)."""
     ok_rows = batch["weight"] > 0
-    users = parallel.gather(batch["user"])
+    gather = batch["global"].gather
+    users = gather(batch["user"])
     record = {}
     for name in DIRECTIONS:
       picked, valid = samples[name]
-      ok = parallel.gather(ok_rows & valid)
+      ok = gather(ok_rows & valid)
       if by_users:  # picked: 0/1 mask [b, I], packed before the gather (32x less traffic)
         record[name] = record_rows(carry["record"][name], users,
-                                   parallel.gather(pack_bits(picked)), ok)
+                                   gather(pack_bits(picked)), ok)
       else:  # picked: item ids [b, n]
-        items = parallel.gather(picked)
+        items = gather(picked)
         n = items.shape[1]
         record[name] = record_items(carry["record"][name], jnp.repeat(users, n),
                                     items.reshape(-1), jnp.repeat(ok, n))

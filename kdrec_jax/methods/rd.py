@@ -30,7 +30,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from kdrec_jax import methods, ranking, sparse
+from kdrec_jax import losses, methods, ranking, sparse
 from kdrec_jax.methods import Method
 
 
@@ -97,7 +97,7 @@ def rd_loss(top_scores: jax.Array, weights: jax.Array, row_weight: jax.Array) ->
 
   top_scores, weights [B, K]; row_weight [B] (0 for padding).
   """
-  return -jnp.sum(row_weight[:, None] * weights * jax.nn.log_sigmoid(top_scores))
+  return losses.log_sigmoid_loss(top_scores, weights=row_weight[:, None] * weights)
 
 
 def make(cfg, models, data) -> Method:
@@ -121,8 +121,9 @@ def make(cfg, models, data) -> Method:
                            budget_mb=cfg.get("lists_budget_mb", 2048),
                            chunk=cfg.get("list_chunk", 256))
 
-  def prepare(teacher_params):
+  def prepare(frozen):
     """{'items' [U, K], 'valid' [U, K]} under the budget, else {'teacher': params}."""
+    teacher_params = frozen["teacher"]
     return lists.build(teacher_params) if lists.stored else {"teacher": teacher_params}
 
   def sample(view, batch, keys, key):

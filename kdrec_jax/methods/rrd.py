@@ -17,24 +17,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kdrec_jax import parallel, ranking, sparse
+from kdrec_jax import losses, ranking, sparse
 from kdrec_jax.methods import Method, require_pairs
-
-_NEG = -1e9  # stands in for -inf in masked slots: exp() is 0, gradients stay finite
-
 
 def relaxed_ranking_loss(ordered: jax.Array, ordered_valid: jax.Array, below: jax.Array,
                          below_valid: jax.Array) -> jax.Array:
-  """Per row: -sum_k [s_k - log(sum_{l>=k} e^{s_l} + sum_j e^{b_j})] over the valid slots.
-
-  ordered [B, K] scores in the order to learn (invalid slots skipped), below [B, L] scores of
-  the items pooled underneath. Computed with log-sum-exps (no overflow, no clamping).
-  """
-  s = jnp.where(ordered_valid, ordered, _NEG)
-  suffix = jnp.flip(jax.lax.cumlogsumexp(jnp.flip(s, -1), axis=s.ndim - 1), -1)
-  pooled = jax.nn.logsumexp(jnp.where(below_valid, below, _NEG), axis=-1, keepdims=True)
-  terms = jnp.where(ordered_valid, s - jnp.logaddexp(suffix, pooled), 0.0)
-  return -jnp.sum(terms, axis=-1)
+  """Per row: -sum_k [s_k - log(sum_{l>=k} e^{s_l} + sum_j e^{b_j})] over the valid slots
+  (`losses.relaxed_ranking_loss` per row): ordered [B, K] scores in the order to learn, below
+  [B, L] scores of the items pooled underneath."""
+  return losses.relaxed_ranking_loss(ordered, below, where=ordered_valid,
+                                     pooled_where=below_valid, reduce_fn=None)
 
 
 def contains_sorted(rows: jax.Array, items: jax.Array) -> jax.Array:
@@ -45,19 +37,19 @@ def contains_sorted(rows: jax.Array, items: jax.Array) -> jax.Array:
 
 def unique_user_rows(cache: dict, batch: dict, num_users: int) -> dict:
   """The cache rows of the global batch's unique users: {'users', 'mask', **rows}."""
-  users, mask = parallel.global_unique(batch["user"], batch["weight"] > 0, fill=num_users)
+  users, mask = batch["global"].unique(batch["user"], batch["weight"] > 0, fill=num_users)
   users = jnp.minimum(users, num_users - 1)
   return dict({k: v[users] for k, v in cache.items()}, users=users, mask=mask)
 
 
-def listwise_loss(models, outputs, rows: dict, first: str, second: str) -> tuple:
+def listwise_loss(models, outputs, batch, rows: dict, first: str, second: str) -> tuple:
   """Sum over unique users of the relaxed ranking loss of the student's scores of rows[first]
   (in order) above rows[second]; returns (this device's share, the global sum)."""
   z1 = models["student"].score(outputs["student"], rows["users"], rows[first])
   z2 = models["student"].score(outputs["student"], rows["users"], rows[second])
   per_user = relaxed_ranking_loss(z1, rows[first + "_valid"], z2, rows[second + "_valid"])
   total = jnp.sum(jnp.where(rows["mask"], per_user, 0.0))
-  return parallel.replicated_share(total), total
+  return batch["global"].share(total), total
 
 
 def make(cfg, models, data) -> Method:
@@ -99,10 +91,11 @@ def make(cfg, models, data) -> Method:
     return unique_user_rows(view["cache"], batch, num_users)
 
   def loss(outputs, batch, samples, hp):
-    share, total = listwise_loss(models, outputs, samples, "interesting", "uninteresting")
+    share, total = listwise_loss(models, outputs, batch, samples, "interesting",
+                                 "uninteresting")
     return ({"student": hp["lambda_rrd"] * share},
-            {"rrd": share, "rrd_users": parallel.replicated_share(jnp.sum(samples["mask"]))})
+            {"rrd": share, "rrd_users": batch["global"].share(jnp.sum(samples["mask"]))})
 
   return Method(name="rrd", loss=loss, learners=("student",), sample=sample,
-                prepare=lists.build, refresh=refresh, refresh_every=1,
+                prepare=lambda frozen: lists.build(frozen["teacher"]), refresh=refresh, refresh_every=1,
                 refresh_reads=("teacher",), hparams={"lambda_rrd": cfg.lambda_rrd})

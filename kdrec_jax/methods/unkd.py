@@ -3,7 +3,7 @@ Distillation for Recommendation", WSDM'23), as the authors' code (chengang95/UnK
 
 The teacher's soft ranking is popularity-biased, so UnKD distils only rankings *within* item
 popularity groups. Items are split into G groups of about equal training interaction mass
-(`metrics.popularity_groups`, the reference's `splitGroup`). Once per phase (`prepare`), for every
+(`data.popularity.groups`, the reference's `splitGroup`). Once per phase (`prepare`), for every
 user u and group g: the teacher's top-L unobserved items of g, best first (L_ug = min(L, number
 of g's items u has not trained on)). Every epoch (`refresh`), per user and group: n_g position
 pairs drawn iid from q(r) ∝ exp(-r / T), r = 1..L_ug, ties rejected, each pair giving the
@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdrec_jax import metrics, sparse
+from kdrec_jax import losses, metrics, sparse
+from kdrec_jax.data import popularity
 from kdrec_jax.methods import Method, require_pairs
 from kdrec_jax.ranking import per_user_keys
 
@@ -140,7 +141,7 @@ def pair_loss(z_pos: jax.Array, z_neg: jax.Array, valid: jax.Array) -> jax.Array
 
   z_pos, z_neg float [B, P], valid bool [B, P]. Returns float32 [B].
   """
-  per_pair = jnp.where(valid, -jax.nn.log_sigmoid(z_pos - z_neg), 0.0)
+  per_pair = losses.log_sigmoid_loss(z_pos - z_neg, where=valid, reduce_fn=None)
   count = jnp.sum(valid, axis=-1).astype(per_pair.dtype)
   return jnp.sum(per_pair, axis=-1) / jnp.maximum(count, 1.0)
 
@@ -148,7 +149,7 @@ def pair_loss(z_pos: jax.Array, z_neg: jax.Array, valid: jax.Array) -> jax.Array
 def make(cfg, models, data) -> Method:
   require_pairs("unkd", models)
   num_users, num_items = data.num_users, data.num_items
-  groups_np = metrics.popularity_groups(*data.split("train"), num_items, int(cfg.num_groups))
+  groups_np = popularity.groups(*data.split("train"), num_items, int(cfg.num_groups))
   num_groups = int(groups_np.max()) + 1
   if num_groups < 1:
     raise ValueError("unkd: no item has a training interaction")
@@ -182,9 +183,10 @@ def make(cfg, models, data) -> Method:
     observed = sparse.row_mask(train, users, num_items)
     return group_lists(score_all(teacher_params, users), observed, groups, num_groups, length)
 
-  def prepare(teacher_params):
+  def prepare(frozen):
     """{'items' int32 [U, G, L], 'valid' bool [U, G, L]}: the teacher's per-group lists, if
     they fit in `lists_budget_mb` (else {} and `refresh` recomputes them per chunk)."""
+    teacher_params = frozen["teacher"]
     if not stored:
       return {}
     items, valid = jax.lax.map(lambda u: compute_lists(teacher_params, u), chunked_users)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kdrec_jax import sparse
+from kdrec_jax import ranking, sparse
 from kdrec_jax.models import bpr_mf, cdae, lightgcn, neumf
 
 NAMES = ("bpr_mf", "neumf", "lightgcn", "cdae")
@@ -19,6 +21,71 @@ def _identity(params):
   return params
 
 
+class Batching(NamedTuple):
+  """What one training example is, and everything the train step does that depends on it, so
+  the step never asks which kind a model is.
+
+  kind: 'pairs' (a (user, positive) pair) or 'users' (a user with its whole training row).
+  examples(data) -> {field: int32 [N]}: one epoch's training examples.
+  context(batch, train, num_items) -> {...}: what the examples add to the losses' batch view
+    (pairs: 'pos'; users: 'pos_mask' [B, I]).
+  split_key(keys [B]) -> (negative-sampling keys [B], forward keys [B] or None).
+  negatives(model, keys, ctx, train, num_items): the model's own negatives (pairs: one uniform
+    unobserved item per pair [B]; users: `num_negatives` draws per positive as a 0/1 mask).
+  outputs(model, params, ctx, keys): what the losses read (pairs: `model.prepare(params)`; users:
+    the training-mode logits [B, I]).
+  own_loss(model, outputs, ctx, neg): the model's own loss summed over the batch.
+  """
+  kind: str
+  examples: Callable
+  context: Callable
+  split_key: Callable
+  negatives: Callable
+  outputs: Callable
+  own_loss: Callable
+
+  def __repr__(self) -> str:
+    return self.kind
+
+
+def _pair_examples(data):
+  users, items = data.train_pairs()
+  return {"user": jnp.asarray(users), "pos": jnp.asarray(items)}
+
+
+def _user_examples(data):
+  """Every user with a training row, once per epoch."""
+  users = np.flatnonzero(np.diff(data.split("train")[0])).astype(np.int32)
+  return {"user": jnp.asarray(users)}
+
+
+def _split_keys(keys):
+  return tuple(jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0))
+
+
+PAIRS = Batching(
+    kind="pairs", examples=_pair_examples,
+    context=lambda batch, train, num_items: {"pos": batch["pos"]},
+    split_key=lambda keys: (keys, None),
+    negatives=lambda model, keys, ctx, train, num_items: ranking.uniform_negatives(
+        keys, ctx["user"], train, num_items),
+    outputs=lambda model, params, ctx, keys: model.prepare(params),
+    own_loss=lambda model, out, ctx, neg: model.cf_loss(out, ctx["user"], ctx["pos"], neg,
+                                                        ctx["weight"]))
+
+USERS = Batching(
+    kind="users", examples=_user_examples,
+    context=lambda batch, train, num_items: {
+        "pos_mask": sparse.row_mask(train, batch["user"], num_items)},
+    split_key=_split_keys,
+    negatives=lambda model, keys, ctx, train, num_items: ranking.draws_mask(
+        keys, (~ctx["pos_mask"]).astype(jnp.float32),
+        model.num_negatives * train.row_lengths[ctx["user"]])[0],
+    outputs=lambda model, params, ctx, keys: model.forward(params, ctx["user"], keys),
+    own_loss=lambda model, out, ctx, neg: model.cf_loss(out, ctx["pos_mask"], neg,
+                                                        ctx["weight"]))
+
+
 class Model(NamedTuple):
   """A base model as a bundle of pure functions.
 
@@ -26,7 +93,8 @@ class Model(NamedTuple):
   score(params, users [B], items [B] or [B, n]) -> scores (logits)
   score_all(params, users [C]) -> [C, num_items]
   representations(params, users, items) -> (user_repr, item_repr)
-  batching: what one training example is, and so what the train step passes to `cf_loss`:
+  batching: what one training example is (a `Batching`: `PAIRS` or `USERS`), and so what the
+    train step passes to `cf_loss`:
     'pairs': a (user, positive) pair;
       cf_loss(params, users [B], pos [B], neg [B], weight [B]) -> scalar (one negative per pair)
     'users': a user with its whole training row;
@@ -49,15 +117,18 @@ class Model(NamedTuple):
   score_all: Callable
   representations: Callable
   cf_loss: Callable
-  batching: str = "pairs"
+  batching: Batching = PAIRS
   forward: Optional[Callable] = None
   num_negatives: int = 1
   prepare: Callable = _identity
+  # The scale of the model's outputs: 'logits' (the default) or, for a model whose training
+  # outputs go through a sigmoid (CDAE), what `probabilities` maps them to.
+  probabilities: Optional[Callable] = None
 
 
 def _with_batch_l2(model: Model, coef: float) -> Model:
   """`model` whose `cf_loss` also pays coef/2 * sum_b w_b (|e_u|^2 + |e_pos|^2 + |e_neg|^2)."""
-  if model.batching != "pairs":
+  if model.batching.kind != "pairs":
     raise ValueError(f"batch_l2: {model.name!r} does not train on (user, item) pairs")
 
   def cf_loss(params, users, pos, neg, weight):
@@ -129,7 +200,8 @@ def _make(cfg, num_users: int, num_items: int, data=None) -> Model:
         init=functools.partial(cdae.init, num_users=num_users, num_items=num_items, dim=cfg.dim,
                                init_std=cfg.get("init_std", 1.0)),
         score=bind(cdae.score), score_all=bind(cdae.score_all),
-        representations=bind(cdae.representations), cf_loss=cdae.cf_loss, batching="users",
+        representations=bind(cdae.representations), cf_loss=cdae.cf_loss, batching=USERS,
+        probabilities=jax.nn.sigmoid,
         forward=functools.partial(cdae.forward, train=train, dropout=cfg.get("dropout", 0.5)),
         num_negatives=int(cfg.get("num_negatives", 5)))
   raise ValueError(f"unknown model {cfg.name!r}; available: {', '.join(NAMES)}")
