@@ -123,7 +123,7 @@ def kd_table(runs: dict, root: str = "") -> str:
   lines = ["| run | seeds | R@10 | N@10 | R@20 | N@20 | published R@10 / N@10 / R@20 / N@20 "
            "| N@20 vs no-KD | best epoch | s/epoch | wall |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for method in ORDER:
+  for method in ORDER + tuple(sorted(set(by_method) - set(ORDER))):  # new methods last
     rs = by_method.get(method)
     if not rs:
       continue

@@ -111,3 +111,13 @@ def test_write_between_markers_refuses_a_page_without_them(tmp_path):
   page.write_text("no markers\n")
   with pytest.raises(ValueError, match="KD_TABLE"):
     kd_table.write_between_markers(str(page), "KD", "table")
+
+
+def test_kd_table_lists_a_method_it_has_no_label_for_last():
+  test = {"Recall@10": 0.1, "NDCG@10": 0.05, "Recall@20": 0.2, "NDCG@20": 0.1}
+  phase = {"student": {"test": test}, "seconds": 60.0, "epochs": 10, "best_epoch": 7}
+  runs = {"none_s0": {"distill": phase}, "newkd_s0": {"distill": phase},
+          "rrd_s0": {"distill": phase}}
+  lines = kd_table.kd_table(runs).splitlines()
+  assert [line.split(" | ")[0] for line in lines[2:]] == ["| student d=20, no KD", "| RRD",
+                                                          "| newkd"]
