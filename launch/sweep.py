@@ -28,7 +28,7 @@ every seeded arm.
 
 Overrides: `--set key=value` (repeatable; `--config.key=value` alike) reaches every run, the
 teachers and warm-ups it needs included; `--set <arm>:key=value` only the runs of that arm (an id
-or part, as in --arms), e.g. `--set ml1m:data.path=/data/ml-1m.inter`. They apply after the arm's
+or part, as in --arms), e.g. `--set ml1m:data.path=~/data/ml-1m.inter`. They apply after the arm's
 own `set` (not its `fixed`). The seed is the sweep's (--seeds), not an override.
 
 Each run is `python -m launch.train --config <config> --workdir <root>/<folder> --config.<key>=...`
