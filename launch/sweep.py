@@ -37,9 +37,11 @@ of one run is reported with the end of its log, the runs that need it are skippe
 goes on; separate processes also free each run's device memory and compilation caches. A run
 whose results.json already holds every phase its config schedules is skipped; any other is run
 by the same command, which resumes its workdir from the last checkpoint (and refuses a workdir
-whose recorded config differs). The summary lists each run as finished, skipped (finished
-before), failed, unfinished (stopped by max_epochs_per_run) or blocked (a run it needs did not
-finish); the exit status is 0 only when every run is finished or skipped.
+whose recorded config differs). A run that others need (a teacher, a shared warm-up) is not run
+when every run of the sweep that needs it is already finished, unless --arms names it. The
+summary lists each run as finished, skipped (finished before), not needed, failed, unfinished
+(stopped by max_epochs_per_run) or blocked (a run it needs did not finish); the exit status is 0
+only when every run is finished, skipped or not needed.
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ class Run:
   overrides: dict           # dotted key -> value (Python value, or the user's text)
   needs: list               # names of the runs that must finish first
   config: object = None     # the resolved ConfigDict (overrides applied)
+  named: bool = False       # selected by --arms (not only needed by a selected run)
 
 
 def resolve_path(path: str) -> str:
@@ -215,6 +218,7 @@ def plan(module, root: str, selectors=None, seeds=None, overrides=(), quick=Fals
   arms = protocol_arms(module, quick)
   by_id = {a["id"]: a for a in arms}
   chosen = select(arms, selectors)
+  named = [a["id"] for a in chosen] if selectors else []
   for a in list(chosen):  # what the chosen arms need, transitively, runs too
     for need in a.get("needs", {}).values():
       if by_id[need] not in chosen:
@@ -229,6 +233,8 @@ def plan(module, root: str, selectors=None, seeds=None, overrides=(), quick=Fals
   for selector, _, _ in user:
     if selector and not any(matches(selector, a["id"]) for a in arms):
       raise SystemExit(f"error: --set {selector}:...: names no arm")
+
+  modules = {}  # config file -> module, loaded once
 
   def folder(arm, seed):
     return arm["folder"].format(seed=seed)
@@ -248,11 +254,14 @@ def plan(module, root: str, selectors=None, seeds=None, overrides=(), quick=Fals
       values.pop(key, None)
       values[key] = value
     path, _, arg = arm["config"].partition(":")
-    config = load_module(path).get_config(arg)
+    if path not in modules:
+      modules[path] = load_module(path)
+    config = modules[path].get_config(arg)
     for key, value in values.items():
       apply_override(config, key, value, f"arm {arm['id']}")
     return Run(name, arm, seed, os.path.join(root, name), values,
-               [folder(by_id[n], None) for n in arm.get("needs", {}).values()], config)
+               [folder(by_id[n], None) for n in arm.get("needs", {}).values()], config,
+               arm["id"] in named)
 
   once = [make(a, None) for a in chosen if "{seed}" not in a["folder"]]
   per_seed = [a for a in chosen if "{seed}" in a["folder"]]
@@ -303,11 +312,16 @@ def _tail(path: str, lines: int = 15) -> str:
 def execute(runs: list[Run], runner=run_subprocess, out=sys.stdout) -> dict:
   """Runs the runs in order; {name: status}. `runner(run)` returns an exit status."""
   status = {}
+  dependents = {r.name: [d for d in runs if r.name in d.needs] for r in runs}
   for i, run in enumerate(runs, 1):
     head = f"[{i}/{len(runs)}] {run.name}"
     if finished(run):
       status[run.name] = "skipped"
       print(f"{head}: finished before, skipped", file=out)
+      continue
+    if not run.named and dependents[run.name] and all(map(finished, dependents[run.name])):
+      status[run.name] = "not needed"  # e.g. a warm-up whose runs are all finished (archives)
+      print(f"{head}: not needed (every run that needs it is finished), skipped", file=out)
       continue
     blocked = [n for n in run.needs if status.get(n) not in ("finished", "skipped")]
     if blocked:
@@ -340,9 +354,10 @@ def execute(runs: list[Run], runner=run_subprocess, out=sys.stdout) -> dict:
 
 def summary(status: dict) -> str:
   counts = collections.Counter(status.values())
-  order = ("finished", "skipped", "failed", "unfinished", "blocked", "interrupted", "not run")
+  order = ("finished", "skipped", "not needed", "failed", "unfinished", "blocked", "interrupted",
+           "not run")
   lines = ["sweep: " + ", ".join(f"{counts[k]} {k}" for k in order if counts[k])]
-  for key in order[2:]:
+  for key in order[3:]:
     names = [n for n, s in status.items() if s == key]
     if names:
       lines.append(f"  {key}: {', '.join(names)}")
@@ -389,7 +404,7 @@ def main(argv=None, runner=run_subprocess, out=sys.stdout) -> int:
     return 0
   status = execute(runs, runner, out)
   print(summary(status), file=out)
-  return 0 if all(s in ("finished", "skipped") for s in status.values()) else 1
+  return 0 if all(s in ("finished", "skipped", "not needed") for s in status.values()) else 1
 
 
 if __name__ == "__main__":

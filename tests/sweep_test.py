@@ -52,6 +52,9 @@ def test_default_sweep_recreates_the_recorded_runs(protocol):
     assert sweep.finished(runs[name]), name
   missing = set(runs) - set(recorded)  # the shared iBD warm-ups are not archived
   assert missing == ({"bpr_warm", "neumf_warm", "cdae_warm"} if protocol == "ibd" else set())
+  ran = []  # ... and not needed: the protocol's sweep over the archive runs nothing
+  status = sweep.execute(list(runs.values()), runner=ran.append, out=io.StringIO())
+  assert not ran and set(status.values()) <= {"skipped", "not needed"}
 
 
 def test_dependencies_run_first_and_are_wired():
@@ -116,6 +119,11 @@ def test_failures_are_reported_dependents_blocked_and_reruns_resume(tmp_path):
   run, ran = _fake_runner()
   assert sweep.main(args, runner=run, out=io.StringIO()) == 0
   assert ran == ["rrd_s0", "none_s1"]  # the failed and the unfinished run again; the rest skip
+  os.remove(os.path.join(root, "teacher", "results.json"))  # needed by finished runs only
+  run, ran = _fake_runner()
+  assert sweep.main(args, runner=run, out=io.StringIO()) == 0 and ran == []
+  assert sweep.main(args + ["--arms", "teacher"], runner=run, out=io.StringIO()) == 0
+  assert ran == ["teacher"]  # named: it runs
   run, ran = _fake_runner(fail={"teacher"})
   other = str(tmp_path / "other")
   out = io.StringIO()
