@@ -1,7 +1,7 @@
 r"""Times the pieces of the BD schedule on CiteULike at the reference sizes (T 50 / S 5, batch 128).
 
   python -m benchmarks.bench_bd [--config configs/bd_bpr_citeulike.py] [--repeats 5] \
-      [--out benchmarks/results/cpu.json]
+      [--out results/bench/cpu.json]
 
 Rows: one warm-up epoch (teacher and student together, as the schedule runs them), one BD epoch,
 one rank refresh of both models (ranks of all unobserved items + sampling tables), one

@@ -2,7 +2,7 @@ r"""Times each teacher->student method's pieces on the RCE-KD protocol (CiteULik
 batch 2048, 49 steps per epoch).
 
   python -m benchmarks.bench_kd [--methods none,cd,...] [--repeats 3] \
-      [--out benchmarks/results/kd_cpu.json]
+      [--out results/bench/kd_cpu.json]
 
 Rows per method: one distillation epoch (the train steps: sampling, both losses, the student's
 (and the method's) update), one refresh (the per-epoch state: CD's pool and draws, RRD's

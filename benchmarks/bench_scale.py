@@ -1,7 +1,7 @@
 r"""BD beyond U x I memory: a synthetic catalogue with a realistic popularity skew, timed.
 
   python -m benchmarks.bench_scale --users 200000 --items 100000 [--pairs_per_user 20] \
-      [--sampling_state auto] [--rank_buckets 0] [--epochs 1] [--out benchmarks/results/x.json]
+      [--sampling_state auto] [--rank_buckets 0] [--epochs 1] [--out results/bench/x.json]
 
 The data: item popularity Zipf-like (p_i ∝ (i + 1)^-alpha, alpha 0.8), user activity lognormal
 with the given mean (at least 3 items), items of a user distinct. The run: the BPR-MF BD config

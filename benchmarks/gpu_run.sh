@@ -10,10 +10,10 @@
 #   full_cdae, full_neumf, full_lightgcn: that model's whole schedule with the control
 #   kd:     teacher->student rows (python3 -m benchmarks.bench_kd), every method
 #   kd_htd: the RCE-KD protocol's teacher, then its HTD student (too slow for the 2-core CPU)
-#   ibd_cdae: the iBD protocol with CDAE (README, iBD): a 300-epoch warm-up, then BD and the iBD
-#           arms for 400 epochs each; IBD_SEEDS (default 0) and IBD_ARMS (default bd b1 random
-#           b2 b05 strict) choose the runs, IBD_SCHED replaces the schedule flags; outputs in
-#           $OUT/ibd/cdae_s<seed>_<arm>/ for `python -m benchmarks.kd_table --protocol ibd`
+#   ibd_cdae: the iBD protocol with CDAE (docs/results/ibd.md; launch.sweep): a 300-epoch warm-up,
+#           then BD and the iBD arms for 400 epochs each; IBD_SEEDS (default 0) and IBD_ARMS
+#           (default: all; e.g. "bd b1") choose the runs, IBD_SET adds launch.sweep --set
+#           overrides; outputs in $OUT/ibd/cdae_s<seed>_<arm>/ for `benchmarks.kd_table`
 #   fast:   the BPR-MF rows with pre-drawn samples and histogram ranks; the step profile
 #   scale:  BD beyond the table budget on a synthetic 1,000,000 x 200,000 catalogue
 set -uo pipefail
@@ -46,41 +46,23 @@ for what in "$@"; do
             done ;;
     kd) python3 -m benchmarks.bench_kd --repeats 3 --out "$OUT/bench_kd_gpu.json" 2>&1 \
           | grep -v "^[IW]1" | grep -v '^ ' | tail -12 ;;
-    kd_htd) wd=/tmp/kd; mkdir -p "$wd" "$OUT/kd_htd"
-          for m in teacher htd; do
-            init=(); [ $m = teacher ] || init=(--config.teacher_init=$wd/teacher)
-            start=$(date +%s)
-            python3 -m launch.train --config configs/kd_citeulike.py:$m --workdir "$wd/$m" \
-              "${init[@]}" 2>&1 | tee "$OUT/kd_htd/$m.log" | grep -E "done|rror"
-            echo "$m wall seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/kd_htd/$m.log"
-            mkdir -p "$OUT/kd_htd/$m" && cp "$wd/$m/results.json" "$wd/$m/metrics.jsonl" "$OUT/kd_htd/$m/"
+    kd_htd) wd=/tmp/kd; mkdir -p "$OUT/kd_htd"
+          python3 -m launch.sweep --config configs/kd_citeulike.py --arms htd --root "$wd" 2>&1 \
+            | tee "$OUT/kd_htd/sweep.log"
+          for m in teacher htd_s0; do
+            mkdir -p "$OUT/kd_htd/$m"
+            cp "$wd/$m/results.json" "$wd/$m/metrics.jsonl" "$wd/$m/train.log" "$OUT/kd_htd/$m/"
           done ;;
-    ibd_cdae) wd=/tmp/ibd; mkdir -p "$wd" "$OUT/ibd"
-          sched=${IBD_SCHED:-"--config.warmup.epochs=300 --config.distill.epochs=400"}
-          # pre-drawn samples are for pair batches; validation every 10 epochs (the curve of the
-          # paper's Fig. 3), as the CPU queue
-          fast="--config.method.rank_buckets=8192 --config.eval_every=10"
-          ibd_run() {  # ibd_run <name> <config> [flags...]: train, then copy its outputs
-            local name=$1 cfg=$2; shift 2; local start=$(date +%s)
-            python3 -m launch.train --config "$cfg" --workdir "$wd/$name" $sched "$@" 2>&1 \
-              | tee "$wd/$name.log" | grep -E "done after|rror"
-            echo "$name wall seconds: $(( $(date +%s) - start ))"
-            mkdir -p "$OUT/ibd/$name"
-            cp "$wd/$name/results.json" "$wd/$name/metrics.jsonl" "$wd/$name/config.json" \
-              "$wd/$name.log" "$OUT/ibd/$name/" 2>/dev/null
-          }
-          ibd_run cdae_warm configs/bd_cdae_citeulike.py --config.distill.epochs=0 \
-            --config.control=False
-          for seed in ${IBD_SEEDS:-0}; do
-            for arm in ${IBD_ARMS:-bd b1 random b2 b05 strict}; do
-              common=(--config.seed=$seed --config.warmup_from=$wd/cdae_warm $fast)
-              if [ $arm = bd ]; then
-                ibd_run cdae_s${seed}_bd configs/bd_cdae_citeulike.py "${common[@]}" \
-                  --config.control=False
-              else  # the arm's flags: configs/ibd_citeulike.py (ARMS)
-                ibd_run cdae_s${seed}_$arm configs/ibd_citeulike.py:cdae,$arm "${common[@]}"
-              fi
-            done
+    ibd_cdae) wd=/tmp/ibd; mkdir -p "$OUT/ibd"
+          arms=cdae; [ -n "${IBD_ARMS:-}" ] && arms=$(printf 'cdae:%s,' $IBD_ARMS)
+          sets=(); for x in ${IBD_SET:-}; do sets+=(--set "$x"); done
+          python3 -m launch.sweep --config configs/ibd_citeulike.py --root "$wd" \
+            --arms "${arms%,}" --seeds "$(echo ${IBD_SEEDS:-0} | tr ' ' ,)" \
+            ${sets[@]+"${sets[@]}"} 2>&1 | tee "$OUT/ibd/sweep.log"
+          for run in "$wd"/cdae_*/; do
+            name=$(basename "$run"); mkdir -p "$OUT/ibd/$name"
+            cp "$run/results.json" "$run/metrics.jsonl" "$run/config.json" "$run/train.log" \
+              "$OUT/ibd/$name/" 2>/dev/null
           done ;;
     fast) python3 -m benchmarks.bench_bd --repeats 3 --config.method.sampling_state=draws \
             --config.method.rank_buckets=8192 --out "$OUT/bench_gpu_draws_hist.json" 2>&1 \

@@ -1,11 +1,14 @@
-r"""The README's teacher->student tables from finished workdirs (results.json files).
+r"""The protocols' result tables from finished workdirs (results.json files), written into the
+results pages between their marker lines.
 
-  python -m benchmarks.kd_table --protocol kd --runs benchmarks/results/kd_cpu
-  python -m benchmarks.kd_table --protocol td --runs benchmarks/results/td_cpu
-  python -m benchmarks.kd_table --protocol ub --runs benchmarks/results/ub_cpu
-  python -m benchmarks.kd_table --protocol ibd --runs benchmarks/results/ibd_cpu
+  python -m benchmarks.kd_table --protocol kd --out docs/results/kd.md    # runs in results/kd
+  python -m benchmarks.kd_table --protocol td --out docs/results/td.md
+  python -m benchmarks.kd_table --protocol ub --out docs/results/ub.md
+  python -m benchmarks.kd_table --protocol ibd --out docs/results/ibd.md
+  python -m benchmarks.kd_table --protocol kd --runs runs/kd              # your own runs: print
 
-`--runs` holds one folder per run with the results.json (and metrics.jsonl) `launch.train` wrote:
+`--runs` (default `results/<protocol>`) holds one folder per run with the results.json (and
+metrics.jsonl) `launch.train` wrote; `python -m launch.sweep` names them as read here:
 - kd (configs/kd_citeulike.py): `<method>_s<seed>` and `teacher`. Test Recall@10 / NDCG@10 /
   Recall@20 / NDCG@20 at the best validation epoch, mean ± std over seeds, beside the published
   RCE-KD Table 1 row where there is one, the gain in NDCG@20 over the no-KD student, the best
@@ -33,13 +36,15 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_RUNS = flags.DEFINE_string("runs", "benchmarks/results/kd_cpu", "Folder of run folders.")
+_RUNS = flags.DEFINE_string("runs", "", "Folder of run folders (default: results/<protocol>).")
 _PROTOCOL = flags.DEFINE_enum("protocol", "kd", ["kd", "td", "ub", "ibd"], "Which table.")
-_README = flags.DEFINE_string("readme", "", "Also write the table into this file, between the "
-                              "lines '<!-- <PROTOCOL>_TABLE -->' and '<!-- /<PROTOCOL>_TABLE -->'.")
+_OUT = flags.DEFINE_string("out", "", "Also write the table into this file (e.g. "
+                           "docs/results/kd.md), between the lines '<!-- <PROTOCOL>_TABLE -->' "
+                           "and '<!-- /<PROTOCOL>_TABLE -->'.")
+flags.DEFINE_alias("readme", "out")  # the flag's name before the tables left the README
 
 KEYS = ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20")
-# RCE-KD (arXiv 2509.20989) Table 1, MF -> MF on CiteULike, mean of 5 runs (from the issue).
+# RCE-KD (arXiv 2509.20989) Table 1, MF -> MF on CiteULike, mean of 5 runs.
 PUBLISHED = {
     "teacher": (.0283, .0155, .0442, .0198),
     "none": (.0177, .0098, .0284, .0128),
@@ -118,7 +123,7 @@ def kd_table(runs: dict, root: str = "") -> str:
   lines = ["| run | seeds | R@10 | N@10 | R@20 | N@20 | published R@10 / N@10 / R@20 / N@20 "
            "| N@20 vs no-KD | best epoch | s/epoch | wall |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for method in ORDER:
+  for method in ORDER + tuple(sorted(set(by_method) - set(ORDER))):  # new methods last
     rs = by_method.get(method)
     if not rs:
       continue
@@ -224,7 +229,7 @@ def ibd_table(runs: dict) -> str:
     row(model, "warm-up", {min(bd): bd[min(bd)]}, "warmup")
     row(model, "BD", bd, "distill")
     betas = [arm for arm in ("b05", "b1", "b2") if (model, arm) in by]
-    # chosen on the seeds every beta arm has (the queue runs all three on seed 0 only); no
+    # chosen on the seeds every beta arm has (the protocol runs all three on seed 0 only); no
     # choice while fewer than two beta arms have finished
     common = (sorted(set.intersection(*(set(by[(model, arm)]) for arm in betas)))
               if len(betas) > 1 else [])
@@ -256,14 +261,20 @@ def write_between_markers(path: str, name: str, text: str) -> None:
     f.write(f"{head}{start}\n{text}\n{end}{tail}")
 
 
+def table(protocol: str, root: str) -> str:
+  """The markdown table of `protocol` from the run folders under `root`."""
+  runs = load_runs(root)
+  if protocol == "kd":
+    return kd_table(runs, root)
+  return {"td": td_table, "ub": ub_table, "ibd": ibd_table}[protocol](runs)
+
+
 def main(argv):
   del argv
-  runs = load_runs(_RUNS.value)
-  text = (kd_table(runs, _RUNS.value) if _PROTOCOL.value == "kd" else
-          {"td": td_table, "ub": ub_table, "ibd": ibd_table}[_PROTOCOL.value](runs))
+  text = table(_PROTOCOL.value, _RUNS.value or os.path.join("results", _PROTOCOL.value))
   print(text)
-  if _README.value:
-    write_between_markers(_README.value, _PROTOCOL.value.upper(), text)
+  if _OUT.value:
+    write_between_markers(_OUT.value, _PROTOCOL.value.upper(), text)
 
 
 if __name__ == "__main__":

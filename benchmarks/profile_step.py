@@ -2,7 +2,7 @@ r"""Where a training epoch's time goes on this machine: the BD config's warm-up 
 whole and with parts taken away, and the compiled epoch's kernel count.
 
   python -m benchmarks.profile_step [--config configs/bd_bpr_citeulike.py] [--repeats 3] \
-      [--out benchmarks/results/profile_cpu.json]
+      [--out results/bench/profile_cpu.json]
 
 Rows (each the median of `repeats` epochs after one compiling epoch):
 - `<phase>_adam`: the epoch as the config runs it (Adam over both models' full tables);

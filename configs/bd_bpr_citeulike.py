@@ -12,14 +12,14 @@ Quick CPU variant (minutes on a 2-core CPU):
 Settings follow the public BD notebook (batch 128 pairs, Adam 1e-3, weight decay 1e-3 for the
 teacher's warm-up and 0 for the student and for the BD phase, tau 5, lambda 0.5/0.5, eps_e 1e-4,
 eps_t 1e-2, one BD sample per pair and direction), with the paper's sampling semantics
-(`method.rank_sign='paper'`, positives masked, uniform BPR negatives); see README for the
+(`method.rank_sign='paper'`, positives masked, uniform BPR negatives); see docs/bd.md for the
 notebook-compatible switches. One deliberate deviation: embeddings start from N(0, 0.1), not the
 notebook's PyTorch default N(0, 1) (`--config.teacher.init_std=1 --config.student.init_std=1`
 restores it). With N(0, 1) the d=50 teacher's initial scores have std sqrt(50) ~ 7, so the
 sigmoids of BPR and of BD's soft labels start saturated; with 0.1 (between the notebook's 1 and
 the 0.01 of the DE-RRD and HTD code) both models start in the sigmoid's working range. All BD
-results in the README use 0.1. Data: users with >= 5 interactions, each user's last two listed
-items held out for validation and test; full-ranking evaluation.
+results (docs/results/bd.md) use 0.1. Data: users with >= 5 interactions, each user's last two
+listed items held out for validation and test; full-ranking evaluation.
 """
 import ml_collections
 

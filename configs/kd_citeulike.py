@@ -1,15 +1,20 @@
 r"""Teacher->student distillation on CiteULike-t with the RCE-KD benchmark's protocol (MF -> MF).
 
-COMMAND (the teacher once, then each method distils it into a student trained from scratch):
+COMMAND (every run of the protocol: the teacher once, then each method distils it into a student
+trained from scratch; `sweep_arms` below; results/kd holds the recorded runs):
 
-  python -m launch.train --config configs/kd_citeulike.py:teacher --workdir /tmp/kd/teacher
-  python -m launch.train --config configs/kd_citeulike.py:none --workdir /tmp/kd/none \
-      --config.teacher_init=/tmp/kd/teacher          # the no-KD student
-  python -m launch.train --config configs/kd_citeulike.py:cd --workdir /tmp/kd/cd \
-      --config.teacher_init=/tmp/kd/teacher          # likewise every method in METHODS
+  python -m launch.sweep --config configs/kd_citeulike.py --root runs/kd
+  python -m benchmarks.kd_table --protocol kd --runs runs/kd
 
-Append `,quick` to the argument (e.g. `:cd,quick`) for a minutes-long smoke run. Expected time on
-the 2-core CPU: the teacher ~15 min (early-stopped near epoch 200), a student run 5-60 min.
+One run by hand:
+
+  python -m launch.train --config configs/kd_citeulike.py:teacher --workdir runs/kd/teacher
+  python -m launch.train --config configs/kd_citeulike.py:cd --workdir runs/kd/cd_s0 \
+      --config.teacher_init=runs/kd/teacher          # likewise every method in METHODS
+
+Append `,quick` to the argument (e.g. `:cd,quick`; `launch.sweep --quick`) for a minutes-long
+smoke run. Expected time on the 2-core CPU: the teacher ~15 min (early-stopped near epoch 200), a
+student run 5-60 min.
 
 Protocol (woriazzc/RCEKD and its parent framework woriazzc/KDs): the shipped users.dat, users with
 >= 5 items, no item filter; per user in file order (ascending item id) the first floor(0.8 n)
@@ -69,6 +74,32 @@ def method_config(name: str):
     raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
   settings, wd = table[name]
   return ml_collections.ConfigDict(dict(settings, lists_budget_mb=2048, list_chunk=256)), wd
+
+
+# Seeds of the recorded sweep (results/kd): three for the no-KD student and CD, one otherwise.
+SWEEP_SEEDS = {"none": (0, 1, 2), "cd": (0, 1, 2)}
+
+
+def sweep_arms(quick: bool = False) -> list[dict]:
+  """The protocol's runs for `python -m launch.sweep` (arm format: launch/sweep.py): the teacher
+  once (folder `teacher`), then every method's student distilled from it (`<method>_s<seed>`,
+  `teacher_init` = the teacher's folder), plus the FTD diagnostic with patience 100 over at most
+  300 epochs (`ftd_p100_s<seed>`). DE-RRD is capped at 80 epochs as its recorded row (CPU time;
+  `--set de_rrd:distill.epochs=1000` runs the full schedule). HTD (over a minute per epoch on a
+  CPU) runs only when named: `--arms htd`."""
+  q = ",quick" if quick else ""
+  file = "configs/kd_citeulike.py"
+  arms = [dict(id="teacher", config=f"{file}:teacher{q}", folder="teacher",
+               fixed={"distill.epochs": 0})]
+  extra = {"de_rrd": {} if quick else {"distill.epochs": 80}}
+  for name in METHODS[1:]:
+    arms.append(dict(id=name, config=f"{file}:{name}{q}", folder=name + "_s{seed}",
+                     seeds=SWEEP_SEEDS.get(name, (0,)), set=extra.get(name, {}),
+                     needs={"teacher_init": "teacher"}, default=name != "htd"))
+  arms.append(dict(id="ftd_p100", config=f"{file}:ftd{q}", folder="ftd_p100_s{seed}", seeds=(0,),
+                   set={"distill.patience": 100, **({} if quick else {"distill.epochs": 300})},
+                   needs={"teacher_init": "teacher"}))
+  return arms
 
 
 def get_config(arg: str = ""):

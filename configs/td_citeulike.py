@@ -1,15 +1,17 @@
 r"""Topology distillation (FTD, HTD; Kang et al., KDD'21) on CiteULike-t, BPR-MF d=200 -> d=10/20.
 
-COMMAND (the teacher once, then each student trains from scratch for 100 epochs, alone or
-distilled from that teacher):
+COMMAND (every run of the protocol: the teacher once, then each student, d = 10 and 20, trains
+from scratch for 100 epochs, alone or distilled from that teacher; `sweep_arms` below;
+results/td holds the recorded runs):
 
-  python -m launch.train --config configs/td_citeulike.py:teacher --workdir /tmp/td/teacher
-  python -m launch.train --config configs/td_citeulike.py:none,dim=10 --workdir /tmp/td/none10 \
-      --config.teacher_init=/tmp/td/teacher          # the student alone
-  python -m launch.train --config configs/td_citeulike.py:ftd,dim=10 --workdir /tmp/td/ftd10 \
-      --config.teacher_init=/tmp/td/teacher
-  python -m launch.train --config configs/td_citeulike.py:htd,dim=10 --workdir /tmp/td/htd10 \
-      --config.teacher_init=/tmp/td/teacher          # likewise dim=20 (the default)
+  python -m launch.sweep --config configs/td_citeulike.py --root runs/td
+  python -m benchmarks.kd_table --protocol td --runs runs/td
+
+One run by hand:
+
+  python -m launch.train --config configs/td_citeulike.py:teacher --workdir runs/td/teacher
+  python -m launch.train --config configs/td_citeulike.py:htd,dim=10 --workdir runs/td/htd_d10 \
+      --config.teacher_init=runs/td/teacher          # none / ftd / htd, dim=10 / 20
 
 Config argument: a method of `METHODS` ('teacher' trains only the teacher), the student size as
 `dim=N` or a bare `N` (default 20), and `quick` (3 + 3 epochs, evaluation every epoch: a smoke
@@ -84,6 +86,21 @@ def parse_arg(arg: str) -> tuple[str, int, bool]:
       raise ValueError(f"config arg: expected one method of {METHODS}, 'dim=N' or 'N', and "
                        f"optionally 'quick'; got {arg!r}")
   return name or "none", dim, quick
+
+
+def sweep_arms(quick: bool = False) -> list[dict]:
+  """The protocol's runs for `python -m launch.sweep` (arm format: launch/sweep.py): the teacher
+  (folder `teacher`), then the students alone, with FTD and with HTD at d = 10 and 20 (arm
+  `<method>:<dim>`, folder `<method>_d<dim>`, `teacher_init` = the teacher's folder); seed 0."""
+  q = ",quick" if quick else ""
+  file = "configs/td_citeulike.py"
+  arms = [dict(id="teacher", config=f"{file}:teacher{q}", folder="teacher",
+               fixed={"distill.epochs": 0})]
+  for dim in (10, 20):
+    for name in METHODS[1:]:
+      arms.append(dict(id=f"{name}:{dim}", config=f"{file}:{name},dim={dim}{q}",
+                       folder=f"{name}_d{dim}", needs={"teacher_init": "teacher"}))
+  return arms
 
 
 def get_config(arg: str = ""):

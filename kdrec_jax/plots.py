@@ -6,7 +6,7 @@ finished phase's validation and test metrics per model, the popularity-group met
 evaluates both models) and `metrics.jsonl` (training lines with the losses, validation lines
 `{"phase", "epoch", "eval": {model: {"val": {...}}}}`, each phase's final line with `"final":
 true`, and iBD's `{"phase", "epoch", "refresh": {...}}` statistics). A bare `results.json` file
-(e.g. `benchmarks/results/cpu_runs/*.results.json`) loads too, for the figures built from it.
+(e.g. `results/bd/cpu_runs/*.results.json`) loads too, for the figures built from it.
 
 Every figure function takes runs (workdir paths or `Run`s from `load_run`), returns a matplotlib
 `Figure` and, with `out=`, also writes it as a PNG. Figures are built without pyplot (no global

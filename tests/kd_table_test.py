@@ -1,6 +1,14 @@
-"""The README table builder (benchmarks/kd_table.py): iBD's beta chosen on validation, the
+"""The results tables (benchmarks/kd_table.py): iBD's beta chosen on validation, the
 gains against BD, mean ± std over seeds; pure Python, no training."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
 from benchmarks import kd_table
+from conftest import REPO_ROOT
 
 
 def _phases(student_val, student_test, teacher_test=0.2):
@@ -70,3 +78,46 @@ def test_ub_table_adds_unkd_weight_variants():
   phases = {"distill": {"student": {"test": test}}}
   lines = kd_table.ub_table({"cite_unkd": phases, "cite_unkd_l0.1": phases}).splitlines()
   assert [line.split(" | ")[1] for line in lines[2:]] == ["UnKD", "UnKD, λ = 0.1"]
+
+
+def _td_runs(root):
+  """A teacher and one d=10 student of the topology protocol, as results.json files."""
+  test = {"HR@50": 0.25, "NDCG@50": 0.125}
+  for name, phases in (("teacher", {"warmup": {"teacher": {"test": test}, "seconds": 60.0}}),
+                       ("none_d10", {"distill": {"student": {"test": test}, "seconds": 120.0}})):
+    os.makedirs(os.path.join(root, name))
+    with open(os.path.join(root, name, "results.json"), "w") as f:
+      json.dump({"phases": phases}, f)
+
+
+def test_table_is_written_between_the_markers_of_the_results_page(tmp_path):
+  _td_runs(str(tmp_path / "td"))
+  page = tmp_path / "td.md"
+  page.write_text("# page\n\n<!-- TD_TABLE -->\nold table\n<!-- /TD_TABLE -->\n\nafter\n")
+  for flag in ("--out", "--readme"):  # --readme: the flag's older name, an alias
+    page.write_text(page.read_text().replace(kd_table.table("td", str(tmp_path / "td")),
+                                             "old table"))
+    subprocess.run([sys.executable, "-m", "benchmarks.kd_table", "--protocol=td",
+                    f"--runs={tmp_path / 'td'}", f"{flag}={page}"], cwd=REPO_ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("# page\n") and text.endswith("after\n")
+    assert "| teacher d=200 | — | 0.2500 | 0.1250 | 0.3123 | 1 min |" in text
+    assert "| d=10 | alone | 0.2500 | 0.1250 | 0.1788 | 2 min |" in text
+
+
+def test_write_between_markers_refuses_a_page_without_them(tmp_path):
+  page = tmp_path / "x.md"
+  page.write_text("no markers\n")
+  with pytest.raises(ValueError, match="KD_TABLE"):
+    kd_table.write_between_markers(str(page), "KD", "table")
+
+
+def test_kd_table_lists_a_method_it_has_no_label_for_last():
+  test = {"Recall@10": 0.1, "NDCG@10": 0.05, "Recall@20": 0.2, "NDCG@20": 0.1}
+  phase = {"student": {"test": test}, "seconds": 60.0, "epochs": 10, "best_epoch": 7}
+  runs = {"none_s0": {"distill": phase}, "newkd_s0": {"distill": phase},
+          "rrd_s0": {"distill": phase}}
+  lines = kd_table.kd_table(runs).splitlines()
+  assert [line.split(" | ")[0] for line in lines[2:]] == ["| student d=20, no KD", "| RRD",
+                                                          "| newkd"]
