@@ -118,7 +118,7 @@ def _setup(citeulike_file, **overrides):
   params = {m: exp.models[m].init(k) for m, k in zip(("teacher", "student"),
                                                       jax.random.split(jax.random.key(5)))}
   static = exp.prepare(params["teacher"])
-  cache, _ = exp.refresh(static, {"student": params["student"]}, {}, jax.random.key(6), 0)
+  cache, _ = exp.refresh(static, params, {}, jax.random.key(6), 0)
   return cfg, exp, params, static, cache
 
 
@@ -191,9 +191,9 @@ def test_end_to_end_teacher_frozen(citeulike_file, tmp_path):
   state = train.init_state(exp.key, exp.models, opts, exp.method)
   state["hparams"] = exp.hparams()
   state["static"] = exp.prepare(state["teacher"]["params"])
-  state["cache"], state["carry"] = exp.refresh(state["static"],
-                                               {"student": state["student"]["params"]}, {},
-                                               jax.random.key(1), 0)
+  state["cache"], state["carry"] = exp.refresh(
+      state["static"], {m: state[m]["params"] for m in exp.method.refresh_reads}, {},
+      jax.random.key(1), 0)
   before = jax.device_get(state)
   step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
                                exp.data.num_items)
