@@ -21,8 +21,10 @@ so RCE-KD splits the work in two and mixes the two losses per user. As the autho
 
 CE(p, q) = -sum_i p_i log q_i. The teacher's probabilities and w_u are constants (the teacher is
 frozen); its logits of S_u, I_u and Q^T_u are computed once per user in the refresh, not per row
-(a batch row would otherwise gather 150 d=400 teacher item vectors: 2x the step time on CPU). Their CiteULike BPR-MF -> BPR-MF settings (configs/citeulike/bpr/rcekd.yaml, section
-'bpr'): lambda 500, tau 1, K 50, L 50, T 10, M 200, beta 3, student weight decay 1e-5; cap = 50 is
+(a batch row would otherwise gather 150 d=400 teacher item vectors: 2x the step time on CPU).
+
+Their CiteULike BPR-MF -> BPR-MF settings (configs/citeulike/bpr/rcekd.yaml, section 'bpr'):
+lambda 500, tau 1, K 50, L 50, T 10, M 200, beta 3, student weight decay 1e-5; cap = 50 is
 hard-coded in their code (it only binds when K > 50).
 
 Where we differ (none changes the loss): the softmaxes use log-sum-exps instead of exp() and
