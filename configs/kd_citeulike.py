@@ -33,7 +33,23 @@ import ml_collections
 from kdrec_jax.data import default_data_config
 
 METHODS = ("teacher", "none", "cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd", "ftd", "htd",
-           "unkd")
+           "unkd", "rce_kd")
+# Methods with several frozen teachers or teacher trajectories (config.teachers,
+# config.teacher_trajectory): they need the loop's several-teacher support. HetComp's teacher
+# workdir must hold trajectory checkpoints:
+#   python -m launch.train --config configs/kd_citeulike.py:teacher --workdir /tmp/kd/teacher \
+#       --config.warmup.keep_epochs=50,100,150   # (the loop's option; name set by the loop)
+# 'hetcomp': the RCE-KD benchmark's HetComp (configs/citeulike/bpr/hetcomp.yaml there, run.sh
+#   `--ckpt_interval=50`): ONE teacher, the BPR-MF teacher, and its checkpoints every 50 epochs.
+#   They keep only the checkpoints from before the teacher's best epoch and use the first 3 of
+#   [those, the best teacher] as the stages; the method takes the first 3 of [the trajectory
+#   checkpoints it is given, in epoch order, the final teacher], so the loop should pass only
+#   those before the best epoch (our teacher's best epoch is 131: stages 50, 100, final).
+# 'hetcomp_mf_lgcn': heterogeneous, as the HetComp paper (not a benchmark setting): the BPR-MF
+#   teacher and a LightGCN teacher (RCE-KD's CiteULike LightGCN teacher: d 2000, 3 layers, init
+#   std 0.1, trained alone with wd 1e-7), each with checkpoints at 50, 100, 150; point
+#   `--config.teachers.lgcn.init` at the LightGCN teacher's workdir.
+MULTI_TEACHER = ("hetcomp", "hetcomp_mf_lgcn")
 
 
 def _opt(lr, weight_decay):
@@ -47,6 +63,8 @@ def method_config(name: str):
   rrd = dict(lambda_rrd=0.1, top_m=500, num_interesting=100, num_uninteresting=200,
              temperature=10.0)
   de = dict(lambda_de=0.05, num_experts=30, end_temperature=1e-10)
+  hetcomp = dict(name="hetcomp", lambda_kd=0.005, num_stages=3, top_k=50, period=10, alpha=1.05,
+                 ensemble_temperature=10.0)
   table = {
       "teacher": (dict(name="none"), 1e-3),
       "none": (dict(name="none"), 1e-3),
@@ -69,9 +87,20 @@ def method_config(name: str):
       # RCE-KD/KDs CiteULike: 2 popularity groups, 2 pairs per user (1 per group, lamda 0).
       "unkd": (dict(name="unkd", lambda_kd=0.5, num_groups=2, num_pairs=2, group_weight_power=0.0,
                     top_l=1000, rank_temperature=20.0), 1e-8),
+      # RCE-KD/KDs CiteULike (configs/citeulike/bpr/rcekd.yaml, section bpr): lmbda 500, mkd_tau 1,
+      # mkd_K 50, mkd_L 50, mkd_T 10, mkd_mxK 200, mkd_beta 3, wd 1e-5; count cap 50 is in
+      # their code. Top lists over all items (training items included), as theirs.
+      "rce_kd": (dict(name="rce_kd", lambda_kd=500.0, tau=1.0, top_k=50, num_interesting=50,
+                      sample_temperature=10.0, top_m=200, beta=3.0, count_cap=50,
+                      mask_positives=False), 1e-5),
+      # RCE-KD/KDs CiteULike (configs/citeulike/bpr/hetcomp.yaml): lmbda 0.005, hetcomp_num_ckpt 3,
+      # hetcomp_K 50, hetcomp_p 10, hetcomp_alpha 1.05, wd 1e-3. ensemble_temperature is ours
+      # (only used with several teachers).
+      "hetcomp": (hetcomp, 1e-3),
+      "hetcomp_mf_lgcn": (hetcomp, 1e-3),
   }
   if name not in table:
-    raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+    raise ValueError(f"unknown method {name!r}; expected one of {METHODS + MULTI_TEACHER}")
   settings, wd = table[name]
   return ml_collections.ConfigDict(dict(settings, lists_budget_mb=2048, list_chunk=256)), wd
 
@@ -138,4 +167,12 @@ def get_config(arg: str = ""):
   c.max_epochs_per_run = 0
   c.teacher_init = ""
   c.warmup_from = ""
+  if name in MULTI_TEACHER:  # trajectory epochs of the teacher (see MULTI_TEACHER above)
+    c.teacher_trajectory = (50, 100, 150)
+    c.teachers = ml_collections.ConfigDict()
+  if name == "hetcomp_mf_lgcn":
+    c.teachers.lgcn = ml_collections.ConfigDict(dict(
+        model=ml_collections.ConfigDict(dict(name="lightgcn", dim=2000, num_layers=3,
+                                             init_std=0.1)),
+        init="", trajectory=(50, 100, 150)))
   return c

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 LEARNERS = ("teacher", "student", "method")
-NAMES = ("bd", "ibd", "none", "cd", "rd", "de", "rrd", "de_rrd", "dcd", "ftd", "htd", "unkd")
+NAMES = ("bd", "ibd", "none", "cd", "rd", "de", "rrd", "de_rrd", "dcd", "ftd", "htd", "unkd",
+         "rce_kd", "hetcomp")
 
 
 class Method(NamedTuple):
