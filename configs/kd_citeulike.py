@@ -38,7 +38,7 @@ def _opt(lr, weight_decay):
 def method_config(name: str):
   """(method settings, the student's weight decay) for `name` in `METHODS`."""
   cd = dict(name="cd", lambda_kd=0.5, guide="student", pool_size=3000, rank_temperature=20.0,
-            num_samples=2, t1=2.0, t2=0.0, sampler="tournament")
+            num_samples=2, t1=2.0, t2=0.0, sampler="tournament", redraw_every_epoch=True)
   rrd = dict(lambda_rrd=0.1, top_m=500, num_interesting=100, num_uninteresting=200,
              temperature=10.0)
   de = dict(lambda_de=0.05, num_experts=30, end_temperature=1e-10)
@@ -46,7 +46,9 @@ def method_config(name: str):
       "teacher": (dict(name="none"), 1e-3),
       "none": (dict(name="none"), 1e-3),
       "cd": (cd, 1e-8),
-      "cd_teacher": (dict(cd, guide="teacher"), 1e-8),
+      # Teacher-guided: the items drawn once per phase, as KDs/UnKD's CD (redraw_every_epoch
+      # True: redrawn from the teacher's pool every epoch, this library's earlier behaviour).
+      "cd_teacher": (dict(cd, guide="teacher", redraw_every_epoch=False), 1e-8),
       # No CiteULike RD config exists in that benchmark; the RD paper's K, lambda, mu, epsilon.
       "rd": (dict(name="rd", lambda_kd=0.5, top_k=10, position_temperature=1.0, mu=0.1,
                   num_dynamic_samples=100, dynamic_start_epoch=10), 1e-5),

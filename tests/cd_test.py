@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from conftest import kd_config
 from kdrec_jax import methods, models, train
@@ -145,3 +146,16 @@ def test_teacher_and_student_guided_pools(citeulike_file):
     # A new epoch key draws new items.
     again, _ = exp.refresh(static, params, {}, jax.random.key(2), 1)
     assert not np.array_equal(np.asarray(again["items"]), items)
+    # Teacher guide: drawn once per phase (refresh_every 0), as KDs and UnKD's CD; student
+    # guide: every epoch.
+    assert exp.method.refresh_every == (1 if guide == "student" else 0)
+
+
+def test_redraw_every_epoch_switch(citeulike_file):
+  redraw = kd_config(citeulike_file, "cd_teacher", num_devices=1,
+                     method__redraw_every_epoch=True)
+  assert train.Experiment(redraw).method.refresh_every == 1  # the behaviour before the switch
+  bad = kd_config(citeulike_file, "cd", num_devices=1, method__redraw_every_epoch=False)
+  with pytest.raises(ValueError, match="student-guided pool"):
+    train.Experiment(bad)
+
