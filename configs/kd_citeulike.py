@@ -11,6 +11,24 @@ COMMAND (the teacher once, then each method distils it into a student trained fr
 Append `,quick` to the argument (e.g. `:cd,quick`) for a minutes-long smoke run. Expected time on
 the 2-core CPU: the teacher ~15 min (early-stopped near epoch 200), a student run 5-60 min.
 
+Overrides as `name=value` parts of the argument: a method setting of the table below (e.g.
+`:cd,lambda_kd=1.0,pool_size=500`, `:unkd,pair_swap=intended`, `:rd,renormalize_weights=true`;
+the value is parsed as the setting's type), or `patience=N`, `epochs=N` (the distillation
+phase's) and `checkpoint_every=N`. E.g. the early-stopping diagnostics `:de,patience=100,epochs=200`
+and `:ftd,patience=100,epochs=300`, and HTD resumable across sessions with
+`:htd,checkpoint_every=5 --config.max_epochs_per_run=20` (rerun the same command to continue).
+
+CD ablation on validation (issue 24; `CD_ABLATION` lists the arms as config arguments): the
+benchmark's CD (`cd`: student-guided, lambda 0.5, pool P 3000, rank temperature T 20, t1 2, n 2)
+with one factor moved at a time: lambda 0.1 / 1 / 2, P 500 / 1000, T 1 / 0.1 (at T 20,
+q(r) ∝ exp(-r / (P T)) is nearly uniform over the pool: q(P) / q(1) = 0.95; at T 0.1 it is
+e^-10), t1 1 / 5. Compare the arms on the best validation NDCG@10 (results.json:
+phases.distill.student.val, and the per-epoch validations in metrics.jsonl), never on test;
+three seeds (`--config.seed=0,1,2`) where arms differ by less than a seed's spread.
+What the published table used (woriazzc/RCEKD configs/citeulike/bpr/cd.yaml, identical to
+woriazzc/KDs's): `cd_strategy: "student guide"`, lmbda 0.5, cd_sample_num (P) 3000, cd_T 20,
+cd_n_distill 2, cd_t1 2, cd_t2 0, wd 1e-8, lr 1e-3, batch 2048, 1000 epochs: this file's `cd`.
+
 Protocol (woriazzc/RCEKD and its parent framework woriazzc/KDs): the shipped users.dat, users with
 >= 5 items, no item filter; per user in file order (ascending item id) the first floor(0.8 n)
 items train, the next floor(0.9 n) - floor(0.8 n) validation, the rest test (98,405 / 12,451 /
@@ -29,6 +47,11 @@ from kdrec_jax.data import default_data_config
 
 METHODS = ("teacher", "none", "cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd", "dcd_kds",
            "ftd", "htd", "unkd")
+# The CD ablation's arms (module docstring), each a config argument for `get_config`.
+CD_ABLATION = ("cd", "cd,lambda_kd=0.1", "cd,lambda_kd=1.0", "cd,lambda_kd=2.0",
+               "cd,pool_size=500", "cd,pool_size=1000", "cd,rank_temperature=1.0",
+               "cd,rank_temperature=0.1", "cd,t1=1.0", "cd,t1=5.0")
+PHASE_OVERRIDES = ("patience", "epochs", "checkpoint_every")
 
 
 def _opt(lr, weight_decay):
@@ -73,9 +96,10 @@ def method_config(name: str):
       "ftd": (dict(name="ftd", lambda_td=5e-4), 1e-8),
       "htd": (dict(name="htd", lambda_td=0.5, alpha=0.9, num_experts=30, choice="second",
                    end_temperature=1e-10, anneal_epochs=1000), 1e-8),
-      # RCE-KD/KDs CiteULike: 2 popularity groups, 2 pairs per user (1 per group, lamda 0).
+      # RCE-KD/KDs CiteULike: 2 popularity groups, 2 pairs per user (1 per group, lamda 0); the
+      # pairs as the reference code swaps them (half (better, better); 'intended': all informative).
       "unkd": (dict(name="unkd", lambda_kd=0.5, num_groups=2, num_pairs=2, group_weight_power=0.0,
-                    top_l=1000, rank_temperature=20.0), 1e-8),
+                    top_l=1000, rank_temperature=20.0, pair_swap="reference"), 1e-8),
   }
   if name not in table:
     raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
@@ -83,12 +107,23 @@ def method_config(name: str):
   return ml_collections.ConfigDict(dict(settings, lists_budget_mb=2048, list_chunk=256)), wd
 
 
+def _parse(text: str, like):
+  """`text` as the type of `like` (bool, int, float or str)."""
+  if isinstance(like, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected a boolean, got {text!r}")
+    return text.lower() in ("true", "1")
+  return type(like)(text)
+
+
 def get_config(arg: str = ""):
   parts = [p for p in arg.split(",") if p]
   quick = "quick" in parts
-  names = [p for p in parts if p != "quick"] or ["none"]
+  overrides = dict(p.split("=", 1) for p in parts if "=" in p)
+  names = [p for p in parts if p != "quick" and "=" not in p] or ["none"]
   if len(names) != 1:
-    raise ValueError(f"config arg: one method of {METHODS}, optionally ',quick'; got {arg!r}")
+    raise ValueError(f"config arg: one method of {METHODS}, optionally ',quick' and "
+                     f"',name=value' overrides; got {arg!r}")
   name = names[0]
   method, wd = method_config(name)
   c = ml_collections.ConfigDict()
@@ -119,4 +154,14 @@ def get_config(arg: str = ""):
   c.max_epochs_per_run = 0
   c.teacher_init = ""
   c.warmup_from = ""
+  for key, text in overrides.items():
+    if key in PHASE_OVERRIDES:
+      node, leaf = (c, key) if key == "checkpoint_every" else (c.distill, key)
+      node[leaf] = int(text)
+    elif key in c.method and key != "name":
+      c.method[key] = _parse(text, c.method[key])
+    else:
+      raise ValueError(f"config arg: {key!r} is neither a setting of method {name!r} "
+                       f"({', '.join(k for k in c.method if k != 'name')}) nor one of "
+                       f"{PHASE_OVERRIDES}")
   return c

@@ -276,8 +276,9 @@ def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file, swap):
                     method__num_pairs=5, method__lists_budget_mb=budget, method__list_chunk=32)
     if swap == "intended":
       cfg.method.pair_swap = "intended"
-    else:
-      assert "pair_swap" not in cfg.method  # the default
+    else:  # the configs name it; the method's default is the same
+      assert cfg.method.pair_swap == "reference"
+      del cfg.method["pair_swap"]
     exp = train.Experiment(cfg)
     data = exp.data
     teacher = exp.models["teacher"].init(jax.random.key(0))
@@ -313,6 +314,17 @@ def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file, swap):
       np.testing.assert_array_equal(neg, first[1])
   again, _ = exp.refresh(static, {"teacher": teacher}, {}, jax.random.key(2), 1)
   assert not np.array_equal(np.asarray(again["pos"]), pos)
+
+
+def test_protocol_config_overrides():
+  from conftest import REPO_ROOT, load_config_module
+  module = load_config_module(os.path.join(REPO_ROOT, "configs", "unkd_protocol.py"))
+  cfg = module.get_config("citeulike,unkd")
+  assert (cfg.method.pair_swap, cfg.method.lambda_kd) == ("reference", 1.0)
+  cfg = module.get_config("ml1m,unkd,pair_swap=intended,lambda_kd=0.5")
+  assert (cfg.method.pair_swap, cfg.method.lambda_kd) == ("intended", 0.5)
+  with pytest.raises(ValueError, match="not a setting"):
+    module.get_config("citeulike,unkd,swap=intended")
 
 
 def test_end_to_end_results_have_bias_metrics(citeulike_file, tmp_path):
