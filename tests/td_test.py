@@ -241,6 +241,19 @@ class LossTest(chex.TestCase):
         assert got == float(raw)  # both jitted: the same program as before the guard
     assert 3 <= trusted <= 7  # the sweep crosses the guard
 
+  def test_ftd_guard_keeps_the_gram_bits_at_the_protocol_shape(self):
+    """At the RCE-KD protocol's shape (6,144 entity slots, d 20 + 400) the guarded Gram form's
+    value and gradient are bit for bit the unguarded one's (XLA compiles the same arithmetic;
+    at tiny shapes its fusion can move the gradient's last bits)."""
+    rng = np.random.default_rng(7)
+    s = rng.normal(size=(6144, 20)).astype(np.float32)
+    t = rng.normal(size=(6144, 400)).astype(np.float32)
+    mask = rng.random(6144) < 0.7
+    guarded = functools.partial(ftd.ftd_loss, form="gram")
+    for f in (lambda fn: fn, jax.grad):
+      np.testing.assert_array_equal(jax.jit(f(guarded))(s, t, mask),
+                                    jax.jit(f(unguarded_gram))(s, t, mask))
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_htd_topology_golden(self):
     fn = self.variant(htd.topology_loss, static_argnums=(4, 5))
