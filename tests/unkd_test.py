@@ -316,6 +316,28 @@ def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file, swap):
   assert not np.array_equal(np.asarray(again["pos"]), pos)
 
 
+def test_intended_swap_reproduces_the_earlier_unkd(citeulike_file):
+  """pair_swap='intended' draws exactly this library's UnKD pairs before the switch (recorded
+  from that code, same keys); 'reference' keeps the positives and, in about half the slots,
+  repeats the positive as the negative."""
+  out = {}
+  for swap in ("intended", "reference"):
+    cfg = kd_config(citeulike_file, "unkd", num_devices=1, method__top_l=12,
+                    method__num_pairs=5, method__pair_swap=swap)
+    exp = train.Experiment(cfg)
+    teacher = exp.models["teacher"].init(jax.random.key(0))
+    cache, _ = exp.refresh(exp.prepare(teacher), {"teacher": teacher}, {}, jax.random.key(1), 0)
+    out[swap] = np.asarray(cache["pos"]), np.asarray(cache["neg"])
+  pos, neg = out["intended"]
+  np.testing.assert_array_equal(pos[:3], [[141, 25, 2, 51, 29], [48, 104, 27, 66, 66],
+                                          [56, 68, 68, 131, 96]])
+  np.testing.assert_array_equal(neg[:3], [[118, 120, 120, 29, 103], [55, 56, 85, 94, 108],
+                                          [114, 100, 71, 76, 131]])
+  ref_pos, ref_neg = out["reference"]
+  np.testing.assert_array_equal(ref_pos, pos)
+  assert np.all((ref_neg == neg) | (ref_neg == pos))
+
+
 def test_protocol_config_overrides():
   from conftest import REPO_ROOT, load_config_module
   module = load_config_module(os.path.join(REPO_ROOT, "configs", "unkd_protocol.py"))
