@@ -61,7 +61,7 @@ def _opt(lr, weight_decay):
 def method_config(name: str):
   """(method settings, the student's weight decay) for `name` in `METHODS`."""
   cd = dict(name="cd", lambda_kd=0.5, guide="student", pool_size=3000, rank_temperature=20.0,
-            num_samples=2, t1=2.0, t2=0.0, sampler="tournament", redraw_every_epoch=True)
+            num_samples=2, t1=2.0, t2=0.0, sampler="tournament")
   rrd = dict(lambda_rrd=0.1, top_m=500, num_interesting=100, num_uninteresting=200,
              temperature=10.0)
   de = dict(lambda_de=0.05, num_experts=30, end_temperature=1e-10)
