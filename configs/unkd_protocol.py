@@ -20,7 +20,8 @@ One run by hand:
   # ml1m: --config.data.path=data/ml-1m/ml-1m.inter, or .../ratings.dat with
   # --config.data.sep=:: --config.data.header=False
 
-Append `,quick` for a smoke run (3 + 3 epochs).
+Append `,quick` for a smoke run (3 + 3 epochs), and `,name=value` to override a method setting
+(e.g. `:citeulike,unkd,pair_swap=intended`, `:ml1m,unkd,lambda_kd=0.5`).
 
 Protocol (chengang95/UnKD: `preprocess_cite.py`, `preprocess_ml1m.py`, `parse.py`): users with
 >= 5 (CiteULike; the file's count token is not an item) or >= 20 (ML-1M, every rating kept)
@@ -33,7 +34,9 @@ negative, batch 2048, Adam 0.01, the code's L2 on the batch's embeddings with co
 (`model.batch_l2`), early stopping on validation NDCG@20 evaluated every 5 epochs with patience
 20 evaluations, up to 1000 epochs. UnKD: 4 popularity groups, 30 pairs per user and epoch
 (8 per group, the reference's rounding), teacher lists of 1000, q(r) ∝ exp(-r / 20),
-kd_weight 1. CD and RRD use their RCE-KD CiteULike settings (configs/kd_citeulike.py).
+kd_weight 1 (the paper's and `parse.py`'s default), the pairs swapped as the reference code
+does (`pair_swap='reference'`: half the pairs (better, better), methods/unkd.py). CD and RRD
+use their RCE-KD CiteULike settings (configs/kd_citeulike.py).
 """
 import ml_collections
 
@@ -66,7 +69,8 @@ def _method(name: str):
   if name == "unkd":
     return ml_collections.ConfigDict(dict(
         name="unkd", lambda_kd=1.0, num_groups=4, top_l=1000, rank_temperature=20.0,
-        num_pairs=30, group_weight_power=0.0, lists_budget_mb=2048, list_chunk=256))
+        num_pairs=30, group_weight_power=0.0, pair_swap="reference", lists_budget_mb=2048,
+        list_chunk=256))
   return kd_citeulike.method_config(name)[0]
 
 
@@ -103,12 +107,13 @@ def sweep_arms(quick: bool = False) -> list[dict]:
 def get_config(arg: str = ""):
   parts = [p for p in arg.split(",") if p]
   quick = "quick" in parts
+  overrides = dict(p.split("=", 1) for p in parts if "=" in p)
   dataset = [p for p in parts if p in DATASETS]
   method = [p for p in parts if p in METHODS]
-  rest = set(parts) - set(dataset) - set(method) - {"quick"}
+  rest = set(parts) - set(dataset) - set(method) - {"quick"} - {p for p in parts if "=" in p}
   if len(dataset) != 1 or len(method) != 1 or rest:
-    raise ValueError(f"config arg: '<dataset>,<method>[,quick]' with a dataset of {DATASETS} "
-                     f"and a method of {METHODS}; got {arg!r}")
+    raise ValueError(f"config arg: '<dataset>,<method>[,quick][,name=value...]' with a dataset "
+                     f"of {DATASETS} and a method of {METHODS}; got {arg!r}")
   dataset, method = dataset[0], method[0]
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -137,4 +142,8 @@ def get_config(arg: str = ""):
   c.max_epochs_per_run = 0
   c.teacher_init = ""
   c.warmup_from = ""
+  for key, text in overrides.items():
+    if key not in c.method or key == "name":
+      raise ValueError(f"config arg: {key!r} is not a setting of method {method!r}")
+    c.method[key] = kd_citeulike._parse(text, c.method[key])
   return c

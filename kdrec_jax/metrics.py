@@ -19,7 +19,11 @@ Conventions, shared by every function here:
   average='all', over all users, those without held-out items counting 0).
 * Popularity bias (full protocol, on request): per item group g (`popularity_groups`),
   Recall@K/g and NDCG@K/g over the held-out items in g and Share@K/g, the fraction of the top-K
-  list in g (`group_metrics`, `Evaluator(item_groups=...)(..., bias=True)`).
+  list in g (`group_metrics`, `Evaluator(item_groups=...)(..., bias=True)`). Beside them, UnKD's
+  own definitions (chengang95/UnKD `utils.py::RecallAndPrecisionByGroup`, averaged in
+  `Procedure.py::TestAll`), named so they are not confused with ours: UnKDRecall@K/g (a user
+  without held-out items in g counts 0, and the mean is over all evaluated users) and
+  UnKDPrecision@K/g (the user's hits in g among its top K, divided by K).
 """
 from __future__ import annotations
 
@@ -58,7 +62,8 @@ def bias_metric_names(ks: Sequence[int], num_groups: int) -> tuple[str, ...]:
   names = []
   for g in range(num_groups):
     for k in ks:
-      names += [f"Recall@{k}/g{g}", f"NDCG@{k}/g{g}", f"Share@{k}/g{g}"]
+      names += [f"Recall@{k}/g{g}", f"NDCG@{k}/g{g}", f"Share@{k}/g{g}",
+                f"UnKDRecall@{k}/g{g}", f"UnKDPrecision@{k}/g{g}"]
   return tuple(names)
 
 
@@ -201,6 +206,12 @@ def group_metrics(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCS
       of group g as the relevant set; ranks are still among all the user's candidates (held-out
       items of other groups are ordinary candidates). NaN for users without held-out items in g.
     Share@K/g: the fraction of the user's top-min(K, #candidates) candidates that lie in g.
+    UnKDRecall@K/g: UnKD's per-group recall (`utils.py::RecallAndPrecisionByGroup`): the
+      user's held-out items of g ranked in the top K over its held-out items of g, and 0 (not
+      NaN) for a user without held-out items in g, so its mean runs over all evaluated users
+      (UnKD divides the sum by the number of test users, `Procedure.py::TestAll`).
+    UnKDPrecision@K/g: UnKD's per-group precision: the user's held-out items of g in its top K,
+      divided by K (not by the list length, nor by the items in g).
 
   Args:
     scores [C, N], users [C], excluded / held: as `full_ranks`; ranks, valid [C, H]: its output.
@@ -229,6 +240,9 @@ def group_metrics(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCS
       out[f"Recall@{k}/g{g}"] = jnp.where(has, per[f"Recall@{k}"], jnp.nan)
       out[f"NDCG@{k}/g{g}"] = jnp.where(has, per[f"NDCG@{k}"], jnp.nan)
       out[f"Share@{k}/g{g}"] = hits / jnp.maximum(shown, 1).astype(jnp.float32)
+      out[f"UnKDRecall@{k}/g{g}"] = per[f"Recall@{k}"]  # 0 without held-out items in g
+      held_hits = jnp.sum(in_g & (ranks <= k), axis=-1).astype(jnp.float32)
+      out[f"UnKDPrecision@{k}/g{g}"] = held_hits / jnp.float32(k)
   return out
 
 
@@ -331,8 +345,9 @@ class Evaluator:
   Popularity bias: given `item_groups` (int32 [num_items], e.g. `popularity_groups`; -1 = no
   group; full protocol only), a call with `bias=True` adds `bias_metric_names(ks, G)` (see
   `group_metrics`), G = item_groups.max() + 1. Their means: Recall@K/g and NDCG@K/g over the
-  users with held-out items in g (NaN if there are none), Share@K/g over the evaluated users;
-  `average` does not apply to them. `bias=False` (the default, e.g. per-epoch validation) runs
+  users with held-out items in g (NaN if there are none), Share@K/g, UnKDRecall@K/g and
+  UnKDPrecision@K/g over the evaluated users (UnKD's "all test users"); `average` does not
+  apply to them. `bias=False` (the default, e.g. per-epoch validation) runs
   exactly the program without them; each setting compiles once.
   """
 

@@ -92,6 +92,13 @@ def reference_group_metrics(data: Interactions, scores: np.ndarray, groups: np.n
       for k in ks:
         top = order[:k]
         out[f"Share@{k}/g{g}"] = np.mean(groups[top] == g)
+        # UnKD's `RecallAndPrecisionByGroup`: set intersections of the top-K list, the held-out
+        # items and the group; recall 0 without held-out items in g; precision over K.
+        in_group = set(np.flatnonzero(groups == g).tolist())
+        both = len(set(top.tolist()) & set(held) & in_group)
+        n_held = len(set(held) & in_group)
+        out[f"UnKDRecall@{k}/g{g}"] = both / n_held if n_held else 0.0
+        out[f"UnKDPrecision@{k}/g{g}"] = both / k
         if not held_g:
           out[f"Recall@{k}/g{g}"] = out[f"NDCG@{k}/g{g}"] = np.nan
           continue
@@ -161,7 +168,37 @@ def test_group_metrics_by_hand():
   want = {"Recall@2/g0": 1.0, "NDCG@2/g0": 1 / l2(3), "Share@2/g0": 0.5,
           "Recall@2/g1": 0.0, "NDCG@2/g1": 0.0, "Share@2/g1": 0.0,
           "Recall@5/g0": 1.0, "NDCG@5/g0": 1 / l2(3), "Share@5/g0": 0.4,
-          "Recall@5/g1": 1.0, "NDCG@5/g1": 1 / l2(6), "Share@5/g1": 0.4}
+          "Recall@5/g1": 1.0, "NDCG@5/g1": 1 / l2(6), "Share@5/g1": 0.4,
+          # UnKD's: the top 2 (5, 2) hold item 2 of g0: recall 1/1, precision 1/2; the top 5
+          # hold both: g0 and g1 recall 1, precision 1/5 each.
+          "UnKDRecall@2/g0": 1.0, "UnKDPrecision@2/g0": 0.5,
+          "UnKDRecall@2/g1": 0.0, "UnKDPrecision@2/g1": 0.0,
+          "UnKDRecall@5/g0": 1.0, "UnKDPrecision@5/g0": 0.2,
+          "UnKDRecall@5/g1": 1.0, "UnKDPrecision@5/g1": 0.2}
+  for name, v in want.items():
+    assert got[name] == pytest.approx(v, abs=1e-6), name
+
+
+def test_unkd_group_metrics_by_hand():
+  """UnKD's definitions against ours on 3 users, 8 items, 2 groups (items 0-3: g0, 4-7: g1),
+  K = 2 and 4; no training items, every item a candidate; scores rank items by id (0 best).
+  User 0 holds out {1, 5}, user 1 {2, 3} (none in g1), user 2 {6}.
+    top 2 = {0, 1}: user 0 hits 1 (g0); user 1 none; user 2 none.
+    top 4 = {0, 1, 2, 3}: user 0 hits 1; user 1 hits 2, 3; user 2 none.
+  Ours average Recall@K/g over the users with held-out items in g (g1: users 0 and 2); UnKD's
+  over all 3 evaluated users, counting 0 for user 1 in g1, and precision = hits / K."""
+  empty = [[] for _ in range(3)]
+  data = Interactions.from_rows("hand", 8, empty, empty, [[1, 5], [2, 3], [6]])
+  scores = jnp.tile(-jnp.arange(8, dtype=jnp.float32), (3, 1))
+  groups = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.int32)
+  got = metrics.Evaluator(data, ks=(2, 4), item_groups=groups)(table_score, scores, bias=True)
+  want = {
+      "Recall@2/g0": (1 + 0) / 2, "UnKDRecall@2/g0": (1 + 0 + 0) / 3,
+      "UnKDPrecision@2/g0": (1 / 2 + 0 + 0) / 3,
+      "Recall@4/g0": (1 + 1) / 2, "UnKDRecall@4/g0": (1 + 1 + 0) / 3,
+      "UnKDPrecision@4/g0": (1 / 4 + 2 / 4 + 0) / 3,
+      "Recall@4/g1": 0.0, "UnKDRecall@4/g1": 0.0, "UnKDPrecision@4/g1": 0.0,
+  }
   for name, v in want.items():
     assert got[name] == pytest.approx(v, abs=1e-6), name
 

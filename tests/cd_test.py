@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from conftest import kd_config
 from kdrec_jax import methods, models, train
@@ -145,3 +146,41 @@ def test_teacher_and_student_guided_pools(citeulike_file):
     # A new epoch key draws new items.
     again, _ = exp.refresh(static, params, {}, jax.random.key(2), 1)
     assert not np.array_equal(np.asarray(again["items"]), items)
+    # Teacher guide: drawn once per phase (refresh_every 0), as KDs and UnKD's CD; student
+    # guide: every epoch.
+    assert exp.method.refresh_every == (1 if guide == "student" else 0)
+
+
+def test_redraw_every_epoch_switch(citeulike_file):
+  redraw = kd_config(citeulike_file, "cd_teacher", num_devices=1,
+                     method__redraw_every_epoch=True)
+  assert train.Experiment(redraw).method.refresh_every == 1  # the behaviour before the switch
+  bad = kd_config(citeulike_file, "cd", num_devices=1, method__redraw_every_epoch=False)
+  with pytest.raises(ValueError, match="student-guided pool"):
+    train.Experiment(bad)
+
+
+
+def test_cd_ablation_arms_and_config_overrides():
+  """configs/kd_citeulike.py: each CD ablation arm is the benchmark's CD with one setting moved;
+  `name=value` parts override method settings and the phase's patience / epochs."""
+  from conftest import KD_CONFIG_FILE, load_config_module
+  module = load_config_module(KD_CONFIG_FILE)
+  base = module.get_config("cd").to_dict()
+  assert (base["method"]["lambda_kd"], base["method"]["pool_size"],
+          base["method"]["rank_temperature"], base["method"]["t1"]) == (0.5, 3000, 20.0, 2.0)
+  seen = set()
+  for arm in module.CD_ABLATION[1:]:
+    cfg = module.get_config(arm).to_dict()
+    moved = {k for k in base["method"] if cfg["method"][k] != base["method"][k]}
+    key, value = arm.split(",")[1].split("=")
+    assert moved == {key} and cfg["method"][key] == float(value), arm
+    assert {k: v for k, v in cfg.items() if k != "method"} == {
+        k: v for k, v in base.items() if k != "method"}
+    seen.add(key)
+  assert seen == {"lambda_kd", "pool_size", "rank_temperature", "t1"}
+  diag = module.get_config("ftd,patience=100,epochs=300,checkpoint_every=5")
+  assert (diag.distill.patience, diag.distill.epochs, diag.checkpoint_every) == (100, 300, 5)
+  assert module.get_config("rd,renormalize_weights=true").method.renormalize_weights is True
+  with pytest.raises(ValueError, match="neither a setting"):
+    module.get_config("cd,temperature=3")

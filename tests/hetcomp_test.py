@@ -337,29 +337,20 @@ def test_one_epoch_through_the_train_step(citeulike_file):
   cfg = kd_config(citeulike_file, "hetcomp", num_devices=1)
   cfg.method.update(dict(top_k=10, period=2))
   exp = train.Experiment(cfg)
-  phase = train.Phase("distill", exp.method.learners, True)
-  opts = exp.optimizers(cfg.distill, phase.train)
-  state = train.init_state(exp.key, exp.models, opts, exp.method)
-  teacher = state["teacher"]["params"]
+  program = train.build_phase(exp, "distill")
   early = exp.models["teacher"].init(jax.random.key(11))
-  state["hparams"] = exp.hparams()
-  state["static"] = exp.prepare({"teacher": teacher, "teacher@5": early})
-  state["cache"], state["carry"] = exp.refresh(state["static"],
-                                               {"student": state["student"]["params"]},
-                                               state["carry"], jax.random.key(1), 0)
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               exp.data.num_items)
-  epoch, _ = train.make_epoch(step, train.make_mesh(1), exp.num_examples, cfg.batch_size)
+  state = program.initial_state(frozen={"teacher@5": early})
+  state, _ = program.refresh(state, jax.random.key(1), 0)
   for final in (False, True):
-    state["cache"]["final"] = jnp.asarray(final)
+    state = state.replace(cache=dict(state.cache, final=jnp.asarray(final)))
     before = jax.device_get(state)
-    state, metrics = epoch(state, exp.examples, jax.random.key(2), 0)
+    state, metrics = program.run_epoch(state, jax.random.key(2), 0)
     after = jax.device_get(state)
     assert all(np.isfinite(float(v)) for v in metrics.values()) and float(metrics["hetcomp"]) > 0
     assert float(metrics["hetcomp_final_rows"]) == (exp.num_examples if final else 0)
-    for a, b in zip(jax.tree.leaves(after["teacher"]["params"]),
-                    jax.tree.leaves(before["teacher"]["params"])):
+    for a, b in zip(jax.tree.leaves(after.params["teacher"]),
+                    jax.tree.leaves(before.params["teacher"])):
       np.testing.assert_array_equal(a, b)
     assert max(np.abs(a - b).max() for a, b in zip(
-        jax.tree.leaves(after["student"]["params"]),
-        jax.tree.leaves(before["student"]["params"]))) > 1e-5
+        jax.tree.leaves(after.params["student"]),
+        jax.tree.leaves(before.params["student"]))) > 1e-5

@@ -11,7 +11,8 @@ import pytest
 from conftest import kd_config
 from kdrec_jax import train
 
-KD_METHODS = ("cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd", "ftd", "htd", "unkd")
+KD_METHODS = ("cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd", "dcd_kds", "ftd", "htd",
+              "unkd")
 
 
 def _model(name, dim):

@@ -117,7 +117,7 @@ def _setup(citeulike_file, **overrides):
   exp = train.Experiment(cfg)
   params = {m: exp.models[m].init(k) for m, k in zip(("teacher", "student"),
                                                       jax.random.split(jax.random.key(5)))}
-  static = exp.prepare(params["teacher"])
+  static = exp.prepare({"teacher": params["teacher"]})
   cache, _ = exp.refresh(static, params, {}, jax.random.key(6), 0)
   return cfg, exp, params, static, cache
 
@@ -186,23 +186,14 @@ def test_end_to_end_teacher_frozen(citeulike_file, tmp_path):
   assert np.isfinite(dist["student"]["test"]["NDCG@10"])
   # One epoch of the step: finite losses, the student moves, the teacher does not.
   exp = train.Experiment(cfg)
-  phase = train.Phase("distill", exp.method.learners, True)
-  opts = exp.optimizers(cfg.distill, phase.train)
-  state = train.init_state(exp.key, exp.models, opts, exp.method)
-  state["hparams"] = exp.hparams()
-  state["static"] = exp.prepare(state["teacher"]["params"])
-  state["cache"], state["carry"] = exp.refresh(
-      state["static"], {m: state[m]["params"] for m in exp.method.refresh_reads}, {},
-      jax.random.key(1), 0)
+  program = train.build_phase(exp, "distill")
+  state, _ = program.refresh(program.initial_state(), jax.random.key(1), 0)
   before = jax.device_get(state)
-  step = train.make_train_step(phase, exp.models, exp.method, opts, exp.train_csr,
-                               exp.data.num_items)
-  epoch, _ = train.make_epoch(step, train.make_mesh(1), exp.num_examples, cfg.batch_size)
-  after, metrics = jax.device_get(epoch(state, exp.examples, jax.random.key(2), 0))
+  after, metrics = jax.device_get(program.run_epoch(state, jax.random.key(2), 0))
   assert all(np.isfinite(float(v)) for v in metrics.values()) and float(metrics["rce"]) > 0
-  for a, b in zip(jax.tree.leaves(after["teacher"]["params"]),
-                  jax.tree.leaves(before["teacher"]["params"])):
+  for a, b in zip(jax.tree.leaves(after.params["teacher"]),
+                  jax.tree.leaves(before.params["teacher"])):
     np.testing.assert_array_equal(a, b)
   assert max(np.abs(a - b).max() for a, b in zip(
-      jax.tree.leaves(after["student"]["params"]),
-      jax.tree.leaves(before["student"]["params"]))) > 1e-5
+      jax.tree.leaves(after.params["student"]),
+      jax.tree.leaves(before.params["student"]))) > 1e-5

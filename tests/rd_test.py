@@ -125,8 +125,8 @@ class WeightsTest(chex.TestCase):
           if renormalize:
             sums = np.asarray(got).sum(1)
             np.testing.assert_allclose(sums[sums > 0], 1.0, rtol=1e-5)
-    got = self.variant(functools.partial(rd.rd_weights, num_items=n, temperature=1.0, mu=0.1))(
-        top, samples, valid, jnp.asarray(True))
+    got = self.variant(functools.partial(rd.rd_weights, num_items=n, temperature=1.0, mu=0.1,
+                                         renormalize=True))(top, samples, valid, jnp.asarray(True))
     assert np.all(np.asarray(got)[0] == 0)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -284,19 +284,66 @@ def test_uniform_unobserved_edge_rows():
   assert set(got[3].tolist()) == {0, 1, 2, 3}
 
 
+def np_authors_rd_term(cand, dyn, valid, epoch_num, num_items, k, lamda, mu, start, alpha,
+                       renormalize=False):
+  """Port of graytowne/rank_distill `distill_caser.py::DistilledRecommender.fit` (the weights)
+  and `losses.py::weighted_sigmoid_log_loss` (the candidates' term), per batch row summed:
+  float32 counts and ranks as torch computes them, the 1-based `epoch_num`, no renormalisation
+  unless asked (`_weight_renormalize`). Invalid list slots (a user with fewer than K unobserved
+  items, which Caser's lists never have) weigh 0."""
+  w_static = np.exp(-np.arange(1, k + 1, dtype=np.float32) / np.float32(lamda))
+  w_static = (w_static / w_static.sum())[None, :]
+  if epoch_num > start:
+    w_dyn = np.zeros(cand.shape, np.float32)
+    for col in range(k):
+      smaller = np.sum(cand[:, col:col + 1] < dyn, axis=1).astype(np.float32)
+      relative = smaller / np.float32(dyn.shape[1])
+      predicted = np.floor(np.float32(num_items - 1) * relative)
+      w_dyn[:, col] = np.maximum(np.tanh(mu * (predicted - col)), 0.0)
+    weight = w_dyn * w_static
+    if renormalize:
+      weight = weight / np.maximum(np.abs(weight).sum(1, keepdims=True), 1e-12)
+  else:
+    weight = np.broadcast_to(w_static, cand.shape)
+  loss_cand = -np.log(1 / (1 + np.exp(-cand.astype(np.float64)))) * weight * alpha
+  return np.sum(np.where(valid, loss_cand, 0.0), axis=1)
+
+
 def _reference_loss(models, params, users, weight, samples, epoch, cfg):
-  """The method's loss recomputed in numpy from the drawn items."""
+  """The method's loss recomputed in numpy from the drawn items, by the authors' code path."""
   z = lambda items: np.asarray(models["student"].score(params["student"], users, items))  # noqa
   top = z(samples["items"])
   dyn = z(samples["dynamic"])
-  w = np_rd_weights(top, dyn, np.asarray(samples["valid"]), epoch >= cfg.dynamic_start_epoch,
-                    NUM_ITEMS, cfg.position_temperature, cfg.mu)
-  return cfg.lambda_kd * np_rd_loss(top, w, np.asarray(weight))
+  valid = np.asarray(samples["valid"])
+  if cfg.renormalize_weights:  # renormalised over the valid slots, as the library did
+    w = np_rd_weights(top, dyn, valid, epoch >= cfg.dynamic_start_epoch, NUM_ITEMS,
+                      cfg.position_temperature, cfg.mu, renormalize=True)
+    return cfg.lambda_kd * np_rd_loss(top, w, np.asarray(weight))
+  rows = np_authors_rd_term(top, dyn, valid, epoch + 1, NUM_ITEMS, cfg.top_k,
+                            cfg.position_temperature, cfg.mu, cfg.dynamic_start_epoch,
+                            cfg.lambda_kd)
+  return float(np.dot(np.asarray(weight, np.float64), rows))
+
+
+def test_authors_defaults():
+  cfg = _kd_config_module().method_config("rd")[0]
+  assert cfg.lambda_kd == 1.0 and not cfg.renormalize_weights  # teach_alpha 1, no renormalising
+  assert (cfg.top_k, cfg.position_temperature, cfg.mu) == (10, 1.0, 0.1)
+  assert (cfg.num_dynamic_samples, cfg.dynamic_start_epoch) == (100, 10)
+  data = _tiny_data()
+  models = {m: kmodels.make(ml_collections.ConfigDict(dict(name="bpr_mf", dim=4)),
+                            data.num_users, NUM_ITEMS) for m in ("teacher", "student")}
+  old = ml_collections.ConfigDict(dict(cfg, renormalize=True))
+  del old["renormalize_weights"]
+  with pytest.raises(ValueError, match="renormalize_weights"):
+    rd.make(old, models, data)
 
 
 @pytest.mark.parametrize("epoch", [0, 2])
-def test_method_loss_matches_numpy(epoch):
-  data, cfg, models, method, params = _setup(mu=0.5)
+@pytest.mark.parametrize("setting", ["authors", "renormalized"])
+def test_method_loss_matches_numpy(epoch, setting):
+  overrides = dict(lambda_kd=0.5, renormalize_weights=True) if setting == "renormalized" else {}
+  data, cfg, models, method, params = _setup(mu=0.5, **overrides)
   static = _prepare(method, params["teacher"])
   users = jnp.asarray([0, 1, 1, 2, 3, 4, 5, 6, 7, 0], jnp.int32)
   weight = jnp.asarray([1, 1, 1, 1, 1, 1, 1, 1, 1, 0], jnp.float32)  # the last row is padding

@@ -1,7 +1,7 @@
-"""RRD and DCD: the relaxed ranking loss against a loop-based numpy reference, the samplers
-(without-replacement draws, uniform uninteresting items, DCD's capped ranks and correction
-weights) against exact probabilities and full rankings, and the unique-user coupling on 4 devices
-against 1."""
+"""RRD and DCD's 'kds' variant: the relaxed ranking loss against a loop-based numpy reference, the
+samplers (without-replacement draws, uniform uninteresting items, DCD's capped ranks and
+correction weights) against exact probabilities and full rankings, and the unique-user (and, for
+the authors' DCD, unique-item) coupling on 4 devices against 1. The authors' DCD: dcd_test.py."""
 from __future__ import annotations
 
 import chex
@@ -160,7 +160,7 @@ class CorrectionWeightsTest(chex.TestCase):
 
 
 def test_dcd_refresh_draws_from_the_teacher_list(citeulike_file):
-  cfg = kd_config(citeulike_file, "dcd", num_devices=1)
+  cfg = kd_config(citeulike_file, "dcd_kds", num_devices=1)
   exp = train.Experiment(cfg)
   params = {m: exp.models[m].init(k) for m, k in zip(("teacher", "student"),
                                                       jax.random.split(jax.random.key(7)))}
@@ -176,9 +176,10 @@ def test_dcd_refresh_draws_from_the_teacher_list(citeulike_file):
 
 
 @needs_4_devices
-@pytest.mark.parametrize("method", ["rrd", "dcd"])
+@pytest.mark.parametrize("method", ["rrd", "dcd", "dcd_kds"])
 def test_unique_user_losses_4_devices_match_1(citeulike_file, method):
-  """The batch's unique users are gathered across devices: 4 devices give 1 device's epoch."""
+  """The batch's unique users (and items) are gathered across devices: 4 devices give 1
+  device's epoch."""
   cfg = kd_config(citeulike_file, method, num_devices=1)
   exp = train.Experiment(cfg)
   program = train.build_phase(exp, "distill")
@@ -188,15 +189,19 @@ def test_unique_user_losses_4_devices_match_1(citeulike_file, method):
   (s4, m4), (s1, m1) = out[4], out[1]
   chex.assert_trees_all_close(s4.params["student"], s1.params["student"], rtol=1e-5,
                               atol=1e-6)
-  assert set(m4) == set(m1) and float(m1[method]) > 0
+  name = cfg.method.name
+  assert set(m4) == set(m1) and float(m1[name]) > 0
   for k in m1:
     np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-5, err_msg=k)
   # Each unique user of each batch counted once: at most one per (user, batch), at least one
   # per user per epoch.
-  assert exp.data.num_users <= float(m1[f"{method}_users"]) <= exp.num_examples
+  assert exp.data.num_users <= float(m1[f"{name}_users"]) <= exp.num_examples
+  if method == "dcd":  # the item side: the batches' distinct positive items
+    assert float(m1["dcd_icd"]) > 0
+    assert exp.data.num_items <= float(m1["dcd_items"]) <= exp.num_examples
 
 
-@pytest.mark.parametrize("method", ["rrd", "dcd"])
+@pytest.mark.parametrize("method", ["rrd", "dcd_kds"])
 def test_loss_sums_over_the_batch_unique_users(citeulike_file, method):
   """sample + loss inside the step's shard_map: each distinct user of the batch once (padding
   rows dropped), λ times the numpy relaxed ranking loss of its cached lists."""
@@ -227,6 +232,7 @@ def test_loss_sums_over_the_batch_unique_users(citeulike_file, method):
     want += np_relaxed_ranking(z[first], np.asarray(cache[first + "_valid"][u][None]),
                                z[second], np.asarray(cache[second + "_valid"][u][None]))[0]
   lam = cfg.method.lambda_rrd if method == "rrd" else cfg.method.lambda_kd
-  np.testing.assert_allclose(float(aux[method]), want, rtol=1e-5)
+  name = cfg.method.name
+  np.testing.assert_allclose(float(aux[name]), want, rtol=1e-5)
   np.testing.assert_allclose(float(terms["student"]), lam * want, rtol=1e-5)
-  assert float(aux[f"{method}_users"]) == 4
+  assert float(aux[f"{name}_users"]) == 4

@@ -49,6 +49,30 @@ def np_ftd(student, teacher, mask) -> float:
              for a in idx for b in idx)
 
 
+def np_ftd_f64(student, teacher, mask) -> tuple[float, np.ndarray]:
+  """L_FTD and its gradient in the student, in float64 matrix form: S S^T - T T^T over the valid
+  rows of the normalised representations; dL/dS_i = (g_i - s_i (s_i . g_i)) / |S_i| with
+  g = 4 (S S^T - T T^T) S."""
+  keep = np.asarray(mask, np.float64)[:, None]
+  raw = _f64(student)
+  norm = np.linalg.norm(raw, axis=1, keepdims=True)
+  s = raw / norm * keep
+  t = _f64(teacher) / np.linalg.norm(_f64(teacher), axis=1, keepdims=True) * keep
+  diff = s @ s.T - t @ t.T
+  g = 4 * diff @ s
+  grad = (g - s * np.sum(s * g, axis=1, keepdims=True)) / norm * keep
+  return float(np.sum(diff ** 2)), grad
+
+
+def unguarded_gram(student, teacher, mask, terms=False):
+  """The Gram form without its guard, a - 2b + c in float32 (and a + 2b + c if `terms`)."""
+  keep = jnp.asarray(mask)[:, None].astype(jnp.float32)
+  s, t = ftd.normalize(jnp.asarray(student)) * keep, ftd.normalize(jnp.asarray(teacher)) * keep
+  frob = lambda a, b: jnp.sum(jnp.square(a.T @ b))  # noqa: E731
+  a, b, c = frob(s, s), frob(s, t), frob(t, t)
+  return (a - 2.0 * b + c, a + 2.0 * b + c) if terms else a - 2.0 * b + c
+
+
 def np_htd_topology(student, teacher, groups, mask, choice="second") -> tuple[float, float]:
   """(entity, group) with explicit loops; only the groups that have valid members exist."""
   idx = [e for e in range(len(groups)) if mask[e]]
@@ -167,6 +191,68 @@ class LossTest(chex.TestCase):
     chex.assert_trees_all_close(fn(junk_s, junk_t, mask), want, rtol=1e-5)
     chex.assert_trees_all_close(fn(s, t, np.ones_like(mask)), np_ftd(s, t, np.ones_like(mask)),
                                 rtol=1e-5)
+
+  def test_ftd_gram_near_equal_topologies_against_float64(self):
+    """Near-equal student and teacher topologies (the student a rotation of the teacher plus
+    small noise), where the unguarded a - 2b + c is mostly float32 rounding: the guarded Gram
+    form matches a float64 numpy reference, values and gradients."""
+    rng = np.random.default_rng(5)
+    for n, d, delta, valid_share in ((2000, 32, 1e-4, 1.0), (1500, 24, 3e-4, 0.8),
+                                     (900, 16, 1e-3, 0.9)):
+      t = rng.normal(size=(n, d))
+      s = t @ np.linalg.qr(rng.normal(size=(d, d)))[0] + delta * rng.normal(size=(n, d))
+      mask = rng.random(n) < valid_share
+      want, want_grad = np_ftd_f64(s, t, mask)
+      s32, t32 = s.astype(np.float32), t.astype(np.float32)
+      got = float(jax.jit(functools.partial(ftd.ftd_loss, form="gram"))(s32, t32, mask))
+      np.testing.assert_allclose(got, want, rtol=1e-3)
+      raw = float(unguarded_gram(s32, t32, mask))
+      assert abs(raw - want) > 0.1 * want, (raw, want)  # the regime the guard is for
+      grad = np.asarray(jax.jit(jax.grad(functools.partial(ftd.ftd_loss, form="gram")))(
+          s32, t32, mask))
+      np.testing.assert_allclose(grad, want_grad, atol=1e-3 * np.abs(want_grad).max())
+      assert not np.any(grad[~mask])
+
+  def test_ftd_gram_guard_bound(self):
+    """Over a sweep from unrelated to near-equal topologies: wherever the guard trusts the Gram
+    form (value >= GRAM_GUARD (a + 2b + c)) its float32 value is within 1e-4 of float64, and the
+    guarded value and gradient are within 1e-3 everywhere; above the guard the value is the
+    plain Gram form's, bit for bit."""
+    rng = np.random.default_rng(6)
+    n, d = 1200, 20
+    t = rng.normal(size=(n, d))
+    rot = t @ np.linalg.qr(rng.normal(size=(d, d)))[0]
+    noise = rng.normal(size=(n, d))
+    mask = np.ones(n, bool)
+    fn = jax.jit(functools.partial(ftd.ftd_loss, form="gram"))
+    grad_fn = jax.jit(jax.grad(functools.partial(ftd.ftd_loss, form="gram")))
+    trusted = 0
+    for delta in (3.0, 1.0, 0.3, 0.1, 0.03, 1e-2, 3e-3, 1e-3, 1e-4):
+      s32, t32 = (rot + delta * noise).astype(np.float32), t.astype(np.float32)
+      want, want_grad = np_ftd_f64(s32, t32, mask)
+      got = float(fn(s32, t32, mask))
+      np.testing.assert_allclose(got, want, rtol=1e-3)
+      np.testing.assert_allclose(grad_fn(s32, t32, mask), want_grad,
+                                 atol=1e-3 * np.abs(want_grad).max())
+      raw, terms = jax.jit(functools.partial(unguarded_gram, terms=True))(s32, t32, mask)
+      if float(raw) >= ftd.GRAM_GUARD * float(terms):
+        trusted += 1
+        np.testing.assert_allclose(float(raw), want, rtol=1e-4)
+        assert got == float(raw)  # both jitted: the same program as before the guard
+    assert 3 <= trusted <= 7  # the sweep crosses the guard
+
+  def test_ftd_guard_keeps_the_gram_bits_at_the_protocol_shape(self):
+    """At the RCE-KD protocol's shape (6,144 entity slots, d 20 + 400) the guarded Gram form's
+    value and gradient are bit for bit the unguarded one's (XLA compiles the same arithmetic;
+    at tiny shapes its fusion can move the gradient's last bits)."""
+    rng = np.random.default_rng(7)
+    s = rng.normal(size=(6144, 20)).astype(np.float32)
+    t = rng.normal(size=(6144, 400)).astype(np.float32)
+    mask = rng.random(6144) < 0.7
+    guarded = functools.partial(ftd.ftd_loss, form="gram")
+    for f in (lambda fn: fn, jax.grad):
+      np.testing.assert_array_equal(jax.jit(f(guarded))(s, t, mask),
+                                    jax.jit(f(unguarded_gram))(s, t, mask))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_htd_topology_golden(self):

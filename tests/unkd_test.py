@@ -1,6 +1,7 @@
 """UnKD: quota rounding by hand, the per-group teacher lists against numpy argsort, the tie-free
-pair sampler against its closed form, the loss against numpy, and an end-to-end run whose
-results carry the popularity-bias metrics."""
+pair sampler against its closed form (both pair swaps; the reference's against a numpy port of
+the authors' loop, with its exact degenerate-pair rate), the loss against numpy, and an
+end-to-end run whose results carry the popularity-bias metrics."""
 from __future__ import annotations
 
 import functools
@@ -40,6 +41,38 @@ def pair_probs(n: int, temperature: float) -> np.ndarray:
   q = np.exp(-np.arange(1, n + 1) / temperature)
   p = np.triu(2 * q[:, None] * q[None, :], k=1)
   return p / p.sum()
+
+
+def reference_pair_probs(n: int, temperature: float) -> np.ndarray:
+  """swap='reference': P(pos = i, neg = j) ∝ q_i q_j for i < j (the first draw was the better)
+  and P(pos = neg = i) ∝ q_i sum_{j > i} q_j (the first draw was the worse: both slots hold the
+  better item). [n, n], upper triangle with diagonal."""
+  q = np.exp(-np.arange(1, n + 1) / temperature)
+  p = np.triu(q[:, None] * q[None, :], k=1)
+  p[np.diag_indices(n)] = p.sum(axis=1)
+  return p / p.sum()
+
+
+def np_reference_kd_sampling(rng, weights: np.ndarray, dis_n: int, reps: int):
+  """Port of the authors' `UnKD.KD_sampling` inner loop for one (user, group), `reps` times:
+  draw two vectors of dis_n positions with replacement ∝ weights; redraw both until no slot is
+  tied; then for each slot where the first draw is worse, their swap through 0-d tensor views,
+  which leaves both slots holding the second (better) draw. Returns (pos, neg) positions."""
+  p = weights / weights.sum()
+  pos, neg = [], []
+  for _ in range(reps):
+    while True:
+      s1 = rng.choice(len(p), dis_n, p=p)
+      s2 = rng.choice(len(p), dis_n, p=p)
+      if np.all(s1 != s2):
+        break
+    for l in range(dis_n):
+      if s1[l] > s2[l]:
+        s1[l] = s2[l]  # `s = samples1[l]` is a view: after this write it reads samples2[l]
+        s2[l] = s1[l]  # `samples2[l] = s`: samples2[l] unchanged
+    pos.extend(s1.tolist())
+    neg.extend(s2.tolist())
+  return np.array(pos), np.array(neg)
 
 
 class SamplerTest(chex.TestCase):
@@ -82,6 +115,42 @@ class SamplerTest(chex.TestCase):
     assert stat < CHI2_999[int(live.sum()) - 1], stat
     # The slots of one row are independent draws: the two 6-position slots differ somewhere.
     assert np.any(cells[:rows] != cells[rows:])
+
+  def test_reference_swap_against_a_port_of_the_authors_loop(self):
+    """swap='reference' against the exact cell probabilities and a numpy port of
+    `sample.py::UnKD.KD_sampling` (its 0-d-view swap written out); half the pairs degenerate."""
+    n, temp, rows, dis_n = 5, 2.0, 12_000, 2
+    q = np.exp(-np.arange(1, n + 1) / temp)
+    want = reference_pair_probs(n, temp)
+    keys = jax.random.split(jax.random.key(11), rows)
+    first, second, ok = jax.jit(functools.partial(unkd.sample_pairs, temperature=temp,
+                                                  swap="reference"))(
+        keys, jnp.full((rows, dis_n), n, jnp.int32))
+    first, second = np.asarray(first).ravel(), np.asarray(second).ravel()
+    assert np.asarray(ok).all() and np.all(first <= second)
+    port = np_reference_kd_sampling(np.random.default_rng(0), q, dis_n, rows)
+    for pos, neg in ((first, second), port):
+      counts = np.bincount(pos * n + neg, minlength=n * n).reshape(n, n)
+      live = want > 0
+      assert counts[~live].sum() == 0
+      expected = len(pos) * want[live]
+      assert expected.min() >= 5
+      stat = float(np.sum((counts[live] - expected) ** 2 / expected))
+      assert stat < CHI2_999[int(live.sum()) - 1], stat
+      # The degenerate (better, better) pairs: each untied pair with probability exactly 1/2.
+      rate, sd = np.mean(pos == neg), 0.5 / np.sqrt(len(pos))
+      assert abs(rate - 0.5) < 4 * sd, rate
+    # Same draws, the two swaps: 'reference' keeps the better item and the second draw.
+    f_int, s_int, _ = unkd.sample_pairs(keys[:50], jnp.full((50, dis_n), n, jnp.int32), temp)
+    f_ref, s_ref, _ = unkd.sample_pairs(keys[:50], jnp.full((50, dis_n), n, jnp.int32), temp,
+                                        swap="reference")
+    np.testing.assert_array_equal(f_ref, f_int)
+    assert set(np.asarray(s_ref).ravel()) <= set(np.asarray(f_int).ravel()) | set(
+        np.asarray(s_int).ravel())
+    assert np.all((np.asarray(s_ref) == np.asarray(s_int)) | (np.asarray(s_ref) ==
+                                                               np.asarray(f_int)))
+    with self.assertRaisesRegex(ValueError, "pair_swap"):
+      unkd.sample_pairs(keys[:2], jnp.full((2, 1), n, jnp.int32), temp, swap="fixed")
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_group_lists_match_numpy_argsort(self):
@@ -163,11 +232,53 @@ class LossTest(chex.TestCase):
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g["teacher"]))
     assert np.abs(np.asarray(g["student"]["item"])).sum() > 0
 
+  def test_reference_degenerate_pairs_against_the_authors_loss(self):
+    """A port of `sample.py::UnKD.sample_diff` (mean over a row's pairs of
+    -log(sigma(z_p - z_n) + 1e-10)) on rows holding (better, better) pairs: each adds log 2 to
+    its row's mean and nothing to the gradient."""
+    data = tiny_data()
+    mods = {m: models.make(ml_collections.ConfigDict(dict(name="bpr_mf", dim=d, init_std=0.7)),
+                           data.num_users, data.num_items) for m, d in (("teacher", 4),
+                                                                        ("student", 2))}
+    cfg = ml_collections.ConfigDict(dict(name="unkd", lambda_kd=1.0, num_groups=2, top_l=5,
+                                         rank_temperature=20.0, num_pairs=3,
+                                         group_weight_power=0.0))
+    method = methods.make(cfg, mods, data)
+    params = {m: mods[m].init(jax.random.key(i)) for i, m in enumerate(mods)}
+    users = jnp.array([0, 1, 3], jnp.int32)
+    pos = jnp.array([[5, 9, 2], [4, 4, 6], [7, 0, 0]], jnp.int32)
+    neg = jnp.array([[5, 1, 2], [8, 4, 1], [7, 0, 0]], jnp.int32)  # 5 of 9 pairs degenerate
+    valid = jnp.ones((3, 3), bool)
+    batch = {"user": users, "weight": jnp.ones(3)}
+    loss = lambda prm: method.loss(prm, batch, (pos, neg, valid),  # noqa: E731
+                                   method.hparams)[0]["student"]
+    p = {k: np.asarray(v, np.float64) for k, v in params["student"].items()}
+    u = np.asarray(users)
+    zp = np.einsum("bd,bnd->bn", p["user"][u], p["item"][np.asarray(pos)])
+    zn = np.einsum("bd,bnd->bn", p["user"][u], p["item"][np.asarray(neg)])
+    per_row = np.mean(-np.log(_sigmoid(zp - zn) + 1e-10), axis=-1)
+    np.testing.assert_allclose(float(loss(params)), per_row.sum(), rtol=1e-6)
+    assert per_row[2] == pytest.approx(np.log(2.0))
+    # The gradient is that of the informative pairs alone, still divided by all 3 pairs.
+    g = jax.grad(loss)(params)["student"]
+    informative = np.asarray(pos) != np.asarray(neg)
+    zeroed = (jnp.where(informative, pos, 0), jnp.where(informative, neg, 0), valid)
+    g2 = jax.grad(lambda prm: method.loss(prm, batch, zeroed,
+                                          method.hparams)[0]["student"])(params)["student"]
+    chex.assert_trees_all_close(g, g2, atol=1e-7)
+    assert float(jnp.abs(g["user"][3]).sum()) == 0.0
 
-def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file):
+
+@pytest.mark.parametrize("swap", ["reference", "intended"])
+def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file, swap):
   for budget in (2048, 0):  # lists stored once, or recomputed from the teacher every refresh
     cfg = kd_config(citeulike_file, "unkd", num_devices=1, method__top_l=12,
                     method__num_pairs=5, method__lists_budget_mb=budget, method__list_chunk=32)
+    if swap == "intended":
+      cfg.method.pair_swap = "intended"
+    else:  # the configs name it; the method's default is the same
+      assert cfg.method.pair_swap == "reference"
+      del cfg.method["pair_swap"]
     exp = train.Experiment(cfg)
     data = exp.data
     teacher = exp.models["teacher"].init(jax.random.key(0))
@@ -186,8 +297,16 @@ def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file):
         g = 0 if j < 3 else 1
         cand = np.array([i for i in np.flatnonzero(groups == g) if i not in seen])
         order = cand[np.argsort(-scores[u, cand], kind="stable")][:12].tolist()
-        # Both items come from the user's group list, the positive ranked above the negative.
-        assert order.index(pos[u, j]) < order.index(neg[u, j])
+        # Both items come from the user's group list, the positive ranked above the negative
+        # ('reference': or both the same item).
+        if swap == "intended":
+          assert order.index(pos[u, j]) < order.index(neg[u, j])
+        else:
+          assert order.index(pos[u, j]) <= order.index(neg[u, j])
+    if swap == "reference":
+      assert abs(np.mean(pos == neg) - 0.5) < 4 * 0.5 / np.sqrt(pos.size)
+    else:
+      assert not np.any(pos == neg)
     if budget:
       first = (pos, neg)
     else:  # the same draws whether the lists were stored or recomputed
@@ -195,6 +314,39 @@ def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file):
       np.testing.assert_array_equal(neg, first[1])
   again, _ = exp.refresh(static, {"teacher": teacher}, {}, jax.random.key(2), 1)
   assert not np.array_equal(np.asarray(again["pos"]), pos)
+
+
+def test_intended_swap_reproduces_the_earlier_unkd(citeulike_file):
+  """pair_swap='intended' draws exactly this library's UnKD pairs before the switch (recorded
+  from that code, same keys); 'reference' keeps the positives and, in about half the slots,
+  repeats the positive as the negative."""
+  out = {}
+  for swap in ("intended", "reference"):
+    cfg = kd_config(citeulike_file, "unkd", num_devices=1, method__top_l=12,
+                    method__num_pairs=5, method__pair_swap=swap)
+    exp = train.Experiment(cfg)
+    teacher = exp.models["teacher"].init(jax.random.key(0))
+    cache, _ = exp.refresh(exp.prepare({"teacher": teacher}), {"teacher": teacher}, {}, jax.random.key(1), 0)
+    out[swap] = np.asarray(cache["pos"]), np.asarray(cache["neg"])
+  pos, neg = out["intended"]
+  np.testing.assert_array_equal(pos[:3], [[141, 25, 2, 51, 29], [48, 104, 27, 66, 66],
+                                          [56, 68, 68, 131, 96]])
+  np.testing.assert_array_equal(neg[:3], [[118, 120, 120, 29, 103], [55, 56, 85, 94, 108],
+                                          [114, 100, 71, 76, 131]])
+  ref_pos, ref_neg = out["reference"]
+  np.testing.assert_array_equal(ref_pos, pos)
+  assert np.all((ref_neg == neg) | (ref_neg == pos))
+
+
+def test_protocol_config_overrides():
+  from conftest import REPO_ROOT, load_config_module
+  module = load_config_module(os.path.join(REPO_ROOT, "configs", "unkd_protocol.py"))
+  cfg = module.get_config("citeulike,unkd")
+  assert (cfg.method.pair_swap, cfg.method.lambda_kd) == ("reference", 1.0)
+  cfg = module.get_config("ml1m,unkd,pair_swap=intended,lambda_kd=0.5")
+  assert (cfg.method.pair_swap, cfg.method.lambda_kd) == ("intended", 0.5)
+  with pytest.raises(ValueError, match="not a setting"):
+    module.get_config("citeulike,unkd,swap=intended")
 
 
 def test_end_to_end_results_have_bias_metrics(citeulike_file, tmp_path):

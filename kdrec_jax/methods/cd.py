@@ -8,9 +8,15 @@ per user, sampled by rank from a guiding model's top-P pool:
                                                                   sigma(z^S_uk))
 
 summed over the batch's (user, positive) rows (a user counts once per training pair), with
-S_u = `num_samples` distinct items drawn each epoch from the guide's top-P unobserved items:
-'teacher' guide: the frozen teacher's pool, built once; 'student' guide: the student's pool,
-rebuilt every epoch from its current parameters.
+S_u = `num_samples` distinct items drawn from the guide's top-P unobserved items:
+'teacher' guide: the frozen teacher's pool, built once, and S_u drawn ONCE, at the start of the
+  phase, and kept for every epoch, as the published reimplementations do (woriazzc/KDs
+  `cf/baseline.py::CD.__init__` calls `get_rank_sample` once and `do_something_in_each_epoch`
+  redraws only for the student guide; chengang95/UnKD `sample.py::CD.__init__` draws once from
+  the teacher and its per-epoch redraw is commented out). `redraw_every_epoch=True` redraws S_u
+  from the fixed pool every epoch instead (this library's behaviour before the switch existed);
+'student' guide: the student's pool, rebuilt every epoch from its current parameters, and S_u
+  drawn from it every epoch (as KDs; `redraw_every_epoch` must then be left unset or True).
 
 Rank-aware sampling, as the published reimplementations (UnKD, RCE-KD/KDs) do it: repeatedly draw
 two pool positions a, b iid from q(r) ∝ exp(-r / (P T)), r = 1..P, keep the better-ranked one,
@@ -18,6 +24,9 @@ min(a, b), until n distinct items are collected. Each kept draw has the closed-f
 p(r) = S(r)^2 - S(r+1)^2 with S(r) = sum_{j >= r} q(j), and "repeat until n distinct" is
 successive sampling without replacement ∝ p; so a Gumbel top-n on log p over the pool is its
 exact vectorised form (`sampler='tournament'`). `sampler='direct'` draws ∝ q itself.
+(KDs collects the kept items in a Python set of 0-d tensors, which hash by identity, so its
+"until n distinct" is in fact "n draws", with replacement; at the RCE-KD setting, P = 3000 nearly
+uniform positions and n = 2, a repeat has probability ~1e-3 per user.)
 """
 from __future__ import annotations
 
@@ -83,6 +92,13 @@ def make(cfg, models, data) -> Method:
                            chunk=cfg.get("list_chunk", 256))
   log_probs = jnp.asarray(rank_log_probs(pool_size, cfg.rank_temperature,
                                          cfg.get("sampler", "tournament")))
+  redraw = cfg.get("redraw_every_epoch", None)
+  if redraw is None:
+    redraw = guide == "student"
+  elif guide == "student" and not redraw:
+    raise ValueError("cd: the student-guided pool is rebuilt from the student every epoch, so "
+                     "its items are redrawn every epoch; leave redraw_every_epoch unset or True")
+  redraw = bool(redraw)
 
   def prepare(frozen):
     """The teacher's pool, once (teacher guide, under the memory budget)."""
@@ -90,7 +106,8 @@ def make(cfg, models, data) -> Method:
     return lists.build(teacher_params) if guide == "teacher" else {}
 
   def refresh(static, params, carry, key, epoch):
-    """This epoch's S_u for every user: {'items', 'valid'} [U, n]."""
+    """S_u for every user: {'items', 'valid'} [U, n]; every epoch (student guide, or
+    `redraw_every_epoch`), else once, at epoch 0 of the phase."""
     del epoch
     items, valid = lists.all_rows(static, params[guide],
                                   lambda u, it, va: draw_from_pool(key, u, it, va, log_probs, n))
@@ -111,5 +128,5 @@ def make(cfg, models, data) -> Method:
     return {"student": hp["lambda_kd"] * bce}, {"cd": bce, "cd_items": jnp.sum(w)}
 
   return Method(name="cd", loss=loss, learners=("student",), sample=sample, prepare=prepare,
-                refresh=refresh, refresh_every=1, refresh_reads=(guide,),
+                refresh=refresh, refresh_every=1 if redraw else 0, refresh_reads=(guide,),
                 hparams={"lambda_kd": cfg.lambda_kd, "t1": cfg.t1, "t2": cfg.t2})

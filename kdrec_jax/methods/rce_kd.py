@@ -104,9 +104,9 @@ def make(cfg, models, data) -> Method:
   student_lists = ranking.TopLists(models["student"].score_all, excluded, num_users, num_items,
                                    m, budget_mb=0, chunk=chunk)
 
-  def prepare(teacher_params):
+  def prepare(frozen):
     """The teacher's top-K per user, once: {'items', 'valid'} [U, K]."""
-    return teacher_lists.build(models["teacher"].prepare(teacher_params))
+    return teacher_lists.build(models["teacher"].prepare(frozen["teacher"]))
 
   def draw(key, static, teacher, users, items, valid):
     """A chunk's student top-K, closure sample I_u, the teacher list's split and the teacher's

@@ -1,13 +1,18 @@
 """RD — Ranking Distillation (Tang & Wang, KDD'18), for pair-batched recommenders.
 
-The frozen teacher's top-K unobserved items of each user, pi_0, ..., pi_{K-1} (best first,
-training positives excluded), become extra positives for the student. Every training pair
-(u, i) of a batch adds to the student's own loss
+As the authors' code (graytowne/rank_distill `distill_caser.py::DistilledRecommender.fit` and
+`losses.py::weighted_sigmoid_log_loss`) does it, on pair-batched recommenders: the frozen
+teacher's top-K unobserved items of each user, pi_0, ..., pi_{K-1} (best first, training
+positives excluded), become extra positives for the student. Every training pair (u, i) of a
+batch adds to the student's own loss
 
   L_RD(u) = lambda_kd * sum_c w[c] * -log sigma(z_S(u, pi_c)),      c = 0..K-1,
 
-with w = w_a * w_b, L1-renormalised per row (`renormalize`, default on; a row whose weights are
-all 0 stays 0):
+lambda_kd being the authors' `teach_alpha` (default 1.0: "equal weight for ranking loss and
+distillation loss"; L = L_own + teach_alpha L_RD), with w = w_a * w_b NOT renormalised (the
+authors set `_weight_renormalize = False`; `renormalize_weights=True` L1-renormalises each row,
+as the UnKD and KDs reimplementations do and this library did before the switch existed, a row
+whose weights are all 0 staying 0):
 
   w_a[c] ∝ exp(-(c + 1) / position_temperature), summing to 1   (position importance)
   w_b[c] = max(tanh(mu * (r_hat[c] - c)), 0)                    (dynamic: the student ranks pi_c
@@ -18,6 +23,13 @@ where r_hat[c] = floor((N - 1) * #{j : z_S(u, j) > z_S(u, pi_c)} / eps) estimate
 with replacement from u's unobserved items (per example, from its key). Before epoch
 `dynamic_start_epoch` of the phase (and always when eps = 0) w_b = 1. The weights are constants
 for the student (stop-gradient); the teacher is frozen and never read by the loss.
+
+Where this differs from the authors' code: it is written for sequential Caser, whose teacher list
+per training instance drops only that instance's targets; here (collaborative filtering) every
+training item of the user is excluded, as the UnKD/KDs reimplementations do. The authors average
+over the batch; this library sums (its losses are sums over the global batch). The RD paper's
+text beyond the abstract was not available to check; its `teach_alpha` and weights are the
+code's.
 
 The top-K lists come from `ranking.TopLists`: under `lists_budget_mb`, `prepare` stores them for
 all users (U x K ids); over it, `prepare` keeps the teacher's params and each step ranks its
@@ -62,7 +74,7 @@ def dynamic_weights(ranks: jax.Array, mu: float) -> jax.Array:
   return jnp.maximum(jnp.tanh(jnp.float32(mu) * (ranks.astype(jnp.float32) - c)), 0.0)
 
 
-def combine_weights(w_a: jax.Array, w_b: jax.Array, valid: jax.Array, renormalize: bool = True
+def combine_weights(w_a: jax.Array, w_b: jax.Array, valid: jax.Array, renormalize: bool = False
                     ) -> jax.Array:
   """float32 [B, K]: w_a [K] * w_b [B, K], 0 in invalid slots, L1-renormalised per row when
   `renormalize` (rows summing to 0 stay 0)."""
@@ -75,7 +87,7 @@ def combine_weights(w_a: jax.Array, w_b: jax.Array, valid: jax.Array, renormaliz
 
 def rd_weights(top_scores: jax.Array, sample_scores: Optional[jax.Array], valid: jax.Array,
                dynamic, *, num_items: int, temperature: float, mu: float,
-               renormalize: bool = True) -> jax.Array:
+               renormalize: bool = False) -> jax.Array:
   """RD's per-slot weights [B, K] (stop-gradient).
 
   top_scores [B, K]: the student's scores of the teacher's top-K items; sample_scores [B, eps]
@@ -103,15 +115,20 @@ def rd_loss(top_scores: jax.Array, weights: jax.Array, row_weight: jax.Array) ->
 def make(cfg, models, data) -> Method:
   """RD for `models` = {'teacher': Model, 'student': Model} (pair-batched) on `data`.
 
-  cfg: lambda_kd, top_k, position_temperature, mu, num_dynamic_samples (0: no dynamic weights),
-  dynamic_start_epoch, lists_budget_mb (2048), list_chunk (256), renormalize (True).
+  cfg: lambda_kd (the authors' teach_alpha), top_k (K), position_temperature (their lamda), mu,
+  num_dynamic_samples (epsilon; 0: no dynamic weights), dynamic_start_epoch (0-based: the
+  dynamic weights from this epoch of the phase on; the authors' 1-based `epoch_num >
+  dynamic_start_epoch`), lists_budget_mb (2048), list_chunk (256), renormalize_weights (False).
   """
   methods.require_pairs("rd", models)
+  if "renormalize" in cfg:
+    raise ValueError("rd: 'renormalize' was renamed 'renormalize_weights' (default False, the "
+                     "authors'); set that instead")
   num_users, num_items = data.num_users, data.num_items
   k, eps = int(cfg.top_k), int(cfg.num_dynamic_samples)
   start_epoch = int(cfg.dynamic_start_epoch)
   temperature, mu = float(cfg.position_temperature), float(cfg.mu)
-  renormalize = bool(cfg.get("renormalize", True))
+  renormalize = bool(cfg.get("renormalize_weights", False))
   if temperature <= 0:
     raise ValueError(f"rd: position_temperature must be > 0, got {temperature}")
   if eps < 0 or mu < 0:

@@ -6,14 +6,26 @@ popularity groups. Items are split into G groups of about equal training interac
 (`data.popularity.groups`, the reference's `splitGroup`). Once per phase (`prepare`), for every
 user u and group g: the teacher's top-L unobserved items of g, best first (L_ug = min(L, number
 of g's items u has not trained on)). Every epoch (`refresh`), per user and group: n_g position
-pairs drawn iid from q(r) ∝ exp(-r / T), r = 1..L_ug, ties rejected, each pair giving the
-better-ranked item as positive and the other as negative. The loss on the student's raw logits,
-per (user, positive) row of the batch (users repeat in proportion to their training items):
+pairs (a, b), a and b drawn iid from q(r) ∝ exp(-r / T), r = 1..L_ug, ties redrawn. The loss on
+the student's raw logits, per (user, positive) row of the batch (users repeat in proportion to
+their training items):
 
   L_UnKD(u) = mean_{(p, n) in pairs(u)} -log sigma(z^S_up - z^S_un)
 
 summed over the rows, and L = L_own + lambda * sum_rows L_UnKD (the reference averages rows and
 adds 1e-10 inside the log; here the library's summed convention and a stable log-sigmoid).
+
+Which item of a pair is the positive (`pair_swap`):
+  'reference' (default): what the authors' `sample.py::UnKD.KD_sampling` (and woriazzc/KDs
+    `cf/baseline.py::UnKD`) actually compute. They mean to swap a and b when the first draw is
+    the worse-ranked one, but swap through 0-d tensor views (`s = a[l]; a[l] = b[l]; b[l] = s`,
+    or the tuple form), so the second write copies the already overwritten value: when a > b
+    both slots end up holding b, the better item. The pair is (min(a, b), b): half of the pairs
+    (exactly: each untied pair with probability 1/2, by symmetry) are (better, better), with loss
+    log 2 and zero gradient, which still count in the per-row mean. At equal lambda the KD
+    gradient is about half of 'intended'. The published UnKD numbers (the paper's and the
+    RCE-KD/KDs table's) were produced with this behaviour.
+  'intended': the swap the code means, (min(a, b), max(a, b)): every pair is informative.
 
 Quotas n_g (`group_quotas`): the reference's group ratios (mean popularity reversed, normalised,
 rounded to 2 decimals, floored at 0.1), raised to `group_weight_power` (its `lamda`; 0 = equal
@@ -41,6 +53,7 @@ from kdrec_jax.methods import Method, require_pairs
 from kdrec_jax.ranking import per_user_keys
 
 MAX_ROUNDS = 256  # rounds of redrawing tied pairs; a pair still tied after them is dropped
+PAIR_SWAPS = ("reference", "intended")
 
 
 def group_quotas(mean_popularity: Sequence[float], num_pairs: int, power: float) -> list[int]:
@@ -101,18 +114,25 @@ def truncated_geometric(u: jax.Array, n: jax.Array, temperature: float) -> jax.A
 
 
 def sample_pairs(keys: jax.Array, n: jax.Array, temperature: float,
-                 max_rounds: int = MAX_ROUNDS) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 max_rounds: int = MAX_ROUNDS, swap: str = "intended"
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Position pairs drawn iid from q(r) ∝ exp(-r / T), r = 1..n, conditioned on being untied.
 
   keys: one PRNG key per row [C]; n: int [C, P], the number of positions of each slot. Each slot
   draws (a, b) iid from q and redraws both while a == b (in a `lax.while_loop`, round t drawing
   from `fold_in(key, t)`); since slots are iid, this equals the reference's redrawing of a user's
-  whole vector until no pair is tied. Result: P(min = i, max = j) ∝ 2 q_i q_j for i < j.
+  whole vector until no pair is tied. Result: P(a = i, b = j) ∝ q_i q_j for i != j.
 
-  Returns (better, worse, ok): int32 [C, P] 0-based positions, better < worse, and ok False for
-  slots with n < 2 (no untied pair exists) or, with vanishing probability, still tied after
-  `max_rounds` rounds.
+  swap: which positions the pair gives (module docstring): 'intended' (min(a, b), max(a, b)),
+  so P(first = i, second = j) ∝ 2 q_i q_j for i < j; 'reference' (min(a, b), b): for i < j,
+  P(i, j) ∝ q_i q_j and P(i, i) ∝ q_i sum_{j > i} q_j (a degenerate pair, probability 1/2).
+
+  Returns (first, second, ok): int32 [C, P] 0-based positions of the positive and the negative
+  (first <= second; first < second with 'intended'), and ok False for slots with n < 2 (no
+  untied pair exists) or, with vanishing probability, still tied after `max_rounds` rounds.
   """
+  if swap not in PAIR_SWAPS:
+    raise ValueError(f"pair_swap must be one of {PAIR_SWAPS}, got {swap!r}")
   feasible = n >= 2
 
   def draw(t):
@@ -133,7 +153,8 @@ def sample_pairs(keys: jax.Array, n: jax.Array, temperature: float,
 
   a, b = draw(jnp.int32(0))
   _, a, b = jax.lax.while_loop(cond, body, (jnp.int32(1), a, b))
-  return jnp.minimum(a, b), jnp.maximum(a, b), feasible & (a != b)
+  second = jnp.maximum(a, b) if swap == "intended" else b
+  return jnp.minimum(a, b), second, feasible & (a != b)
 
 
 def pair_loss(z_pos: jax.Array, z_neg: jax.Array, valid: jax.Array) -> jax.Array:
@@ -163,10 +184,13 @@ def make(cfg, models, data) -> Method:
   if length < 1:
     raise ValueError(f"unkd: top_l must be >= 1, got {cfg.top_l}")
   temperature = float(cfg.rank_temperature)
+  pair_swap = str(cfg.get("pair_swap", "reference"))
+  if pair_swap not in PAIR_SWAPS:
+    raise ValueError(f"unkd: pair_swap must be one of {PAIR_SWAPS}, got {pair_swap!r}")
   slot_group = jnp.asarray(np.repeat(np.arange(num_groups), quotas), jnp.int32)  # [P]
   logging.info("unkd: %d popularity groups (asked %d): items %s, mean popularity %s; pairs per "
-               "user %s; lists of %d", num_groups, int(cfg.num_groups), sizes.tolist(),
-               np.round(mean_pop, 2).tolist(), quotas, length)
+               "user %s; lists of %d; pair swap %r", num_groups, int(cfg.num_groups),
+               sizes.tolist(), np.round(mean_pop, 2).tolist(), quotas, length, pair_swap)
   if not sum(quotas):
     raise ValueError("unkd: num_pairs gives no pairs")
 
@@ -196,7 +220,7 @@ def make(cfg, models, data) -> Method:
   def draw(key, users, items, valid):
     """This epoch's pairs of a chunk of users: {'pos', 'neg' int32, 'valid' bool} [C, P]."""
     n = jnp.sum(valid, axis=-1, dtype=jnp.int32)[:, slot_group]  # [C, P]
-    better, worse, ok = sample_pairs(per_user_keys(key, users), n, temperature)
+    better, worse, ok = sample_pairs(per_user_keys(key, users), n, temperature, swap=pair_swap)
     flat = items.reshape(items.shape[0], -1)
     base = slot_group[None, :] * length
     pos = jnp.take_along_axis(flat, base + better, axis=-1)
