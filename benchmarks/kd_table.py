@@ -36,6 +36,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from configs import kd_citeulike
+
 _RUNS = flags.DEFINE_string("runs", "", "Folder of run folders (default: results/<protocol>).")
 _PROTOCOL = flags.DEFINE_enum("protocol", "kd", ["kd", "td", "ub", "ibd"], "Which table.")
 _OUT = flags.DEFINE_string("out", "", "Also write the table into this file (e.g. "
@@ -44,23 +46,11 @@ _OUT = flags.DEFINE_string("out", "", "Also write the table into this file (e.g.
 flags.DEFINE_alias("readme", "out")  # the flag's name before the tables left the README
 
 KEYS = ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20")
-# RCE-KD (arXiv 2509.20989) Table 1, MF -> MF on CiteULike, mean of 5 runs.
-PUBLISHED = {
-    "teacher": (.0283, .0155, .0442, .0198),
-    "none": (.0177, .0098, .0284, .0128),
-    "cd": (.0239, .0131, .0347, .0158),
-    "rrd": (.0251, .0135, .0362, .0169),
-    "dcd": (.0254, .0136, .0375, .0173),  # the benchmark's own DCD (KDs), our `dcd_kds`
-    "dcd_kds": (.0254, .0136, .0375, .0173),
-}
-LABELS = {
-    "teacher": "teacher (MF d=400)", "none": "student d=20, no KD", "cd": "CD, student-guided",
-    "cd_teacher": "CD, teacher-guided", "rd": "RD", "de": "DE", "rrd": "RRD",
-    "de_rrd": "DE-RRD", "dcd": "DCD (authors')", "dcd_kds": "DCD (KDs)", "ftd": "FTD", "htd": "HTD", "unkd": "UnKD",
-    "ftd_p100": "FTD, patience 100, ≤ 300 epochs (diagnostic)",
-}
-ORDER = ("teacher", "none", "cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd", "dcd_kds",
-         "ftd", "ftd_p100", "htd", "unkd")
+# The protocol's rows, their labels and the published rows come from its config; a method's
+# label from the method registry (`kdrec_jax.methods.label`).
+PUBLISHED = kd_citeulike.PUBLISHED
+ORDER = kd_citeulike.TABLE_ORDER
+LABELS = {arm: kd_citeulike.label(arm) for arm in ORDER}
 # Topology_Distillation_KDD21 logs/: test HR@50 after 100 epochs, teacher d=200 0.3123.
 TD_REFERENCE = {("none", 10): .1788, ("ftd", 10): .2112, ("htd", 10): .2282,
                 ("none", 20): .2276, ("ftd", 20): .2516, ("htd", 20): .2744}
@@ -164,13 +154,15 @@ def td_table(runs: dict) -> str:
 
 
 def ub_table(runs: dict) -> str:
-  labels = dict(LABELS, teacher="teacher (MF d=100)", none="student d=10, no KD")
+  labels = dict(LABELS, teacher="teacher (MF d=100)", none="student d=10, no KD",
+                unkd="UnKD (the authors' pairs)", unkd_intended="UnKD, intended pair swap")
   header = None
   lines = []
   for dataset in ("citeulike", "ml1m"):
     short = "cite" if dataset == "citeulike" else "ml1m"
-    variants = sorted(n[len(short) + 1:] for n in runs if re.fullmatch(rf"{short}_unkd_l[\d.]+", n))
-    for method in ("teacher", "none", "rrd", "cd", "unkd", *variants):
+    variants = sorted(n[len(short) + 1:] for n in runs
+                      if re.fullmatch(rf"{short}_unkd(_intended)?_l[\d.]+", n))
+    for method in ("teacher", "none", "rrd", "cd", "unkd", "unkd_intended", *variants):
       name = f"{short}_{method}"
       phase, model = _result(runs.get(name, {}), method == "teacher")
       if not phase:
@@ -183,7 +175,9 @@ def ub_table(runs: dict) -> str:
         header = (f"| data | run | R@20 | N@20 | {per} | {share} |",
                   "|---|---|---|---|" + "---|" * (2 * len(groups)))
       fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
-      label = f"UnKD, λ = {method[6:]}" if method.startswith("unkd_l") else labels[method]
+      label = labels.get(method, method)
+      if "_l" in method:
+        label = f"{labels[method.rsplit('_l', 1)[0]]}, λ = {method.rsplit('_l', 1)[1]}"
       lines.append(f"| {dataset} | {label} | {t['Recall@20']:.4f} | "
                    f"{t['NDCG@20']:.4f} | "
                    + " | ".join(fmt(t.get(f"Recall@20/g{g}")) for g in groups) + " | "

@@ -23,6 +23,7 @@ listed items held out for validation and test; full-ranking evaluation.
 """
 import ml_collections
 
+from kdrec_jax import methods
 from kdrec_jax.data import default_data_config
 
 
@@ -47,18 +48,8 @@ def get_config(arg: str = ""):
   c.distill = ml_collections.ConfigDict(dict(
       epochs=4 if quick else 100, teacher=_opt(1e-3, 0.0), student=_opt(1e-3, 0.0)))
   c.control = True  # also continue each model alone for distill.epochs, from the warm-up state
-  c.method = ml_collections.ConfigDict(dict(
-      name="bd", refresh_every=2 if quick else 10, tau=5.0, lambda_ts=0.5, lambda_st=0.5,
-      eps_t=1e-2, eps_e=1e-4, num_samples=1,
-      rank_sign="paper",        # 'notebook': the public notebook's inverted discrepancies
-      mask_positives=True,      # False: training positives can be sampled (notebook)
-      positive_scores="rank",   # with mask_positives=False: 'zero' ranks score x (1 - train
-                                # mask) as the notebooks (positives at score 0)
-      bpr_negative="uniform",   # 'bd_sample': BD's item doubles as BPR negative (notebook)
-      sampling_state="auto",    # tables / draws / snapshot; 'auto': the first that fits
-      table_budget_mb=2048,     # the sampling state's memory budget (tables: 2 x U x I float32)
-      rank_buckets=0,           # 0: exact ranks; > 0: histogram ranks (opt-in, bounded error)
-      refresh_chunk=256))
+  # BD's defaults (kdrec_jax/methods/bd.py: the paper's semantics, the notebook's switches off).
+  c.method = methods.defaults("bd", refresh_every=2 if quick else 10)
   c.eval = ml_collections.ConfigDict(dict(
       ks=(10, 20, 50, 100), chunk_size=1024, protocol="full", num_negatives=499))
   c.eval_every = 10 if quick else 100      # epochs between validation evaluations

@@ -38,6 +38,7 @@ The per-round statistics (items sampled last round, corrected, re-selected, up-w
 discrepancy; per direction) are the 'refresh' lines of <workdir>/metrics.jsonl.
 """
 from configs import bd_bpr_citeulike, bd_cdae_citeulike, bd_neumf_citeulike
+from kdrec_jax import methods
 
 BASES = {"bpr": bd_bpr_citeulike, "cdae": bd_cdae_citeulike, "neumf": bd_neumf_citeulike}
 # The protocol's arms (docs/results/ibd.md): the keys each one sets over ibd_settings()
@@ -83,16 +84,8 @@ def sweep_arms(quick: bool = False) -> list[dict]:
 
 
 def ibd_settings() -> dict:
-  """The iBD keys added to BD's method settings (kdrec_jax/methods/ibd.py)."""
-  return dict(
-      beta=1.0,               # up-weighting (1 + beta) of re-selected items; 0 is BD, bit for bit
-      delta=0.0,              # "not corrected": discrepancy still > delta
-      strict=False,           # also require no progress: d^(r) >= kappa d^(r-1)
-      kappa=1.0,
-      gamma=0.0,              # > 0: history H = gamma H + 1[F], weights (1 + beta H)
-      shallow_rounds=1,       # rounds (refresh periods) of plain BD before the feedback starts
-      feedback="discrepancy",  # 'random': as many items per user, at random (the control)
-  )
+  """The iBD keys added to BD's method settings, with their defaults (kdrec_jax/methods/ibd.py)."""
+  return {k: v for k, v in methods.defaults("ibd").items() if k not in methods.defaults("bd")}
 
 
 def get_config(arg: str = "bpr"):

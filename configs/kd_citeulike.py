@@ -48,10 +48,11 @@ trains from scratch with L = L_BPR + lambda L_KD.
 """
 import ml_collections
 
+from kdrec_jax import methods
 from kdrec_jax.data import default_data_config
 
-METHODS = ("teacher", "none", "cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd", "dcd_kds",
-           "ftd", "htd", "unkd", "rce_kd")
+METHODS = ("teacher", "none", "cd", "cd_teacher", "cd_teacher_redraw", "rd", "rd_renorm", "de",
+           "rrd", "de_rrd", "dcd", "dcd_kds", "ftd", "htd", "unkd", "unkd_intended", "rce_kd")
 # Methods with several frozen teachers or teacher trajectories (config.teachers,
 # config.teacher_trajectory): they need the loop's several-teacher support. HetComp's teacher
 # workdir must hold trajectory checkpoints:
@@ -79,67 +80,77 @@ def _opt(lr, weight_decay):
   return ml_collections.ConfigDict(dict(lr=lr, weight_decay=weight_decay))
 
 
-def method_config(name: str):
-  """(method settings, the student's weight decay) for `name` in `METHODS`."""
-  cd = dict(name="cd", lambda_kd=0.5, guide="student", pool_size=3000, rank_temperature=20.0,
-            num_samples=2, t1=2.0, t2=0.0, sampler="tournament")
-  rrd = dict(lambda_rrd=0.1, top_m=500, num_interesting=100, num_uninteresting=200,
-             temperature=10.0)
-  de = dict(lambda_de=0.05, num_experts=30, end_temperature=1e-10)
-  hetcomp = dict(name="hetcomp", lambda_kd=0.005, num_stages=3, top_k=50, period=10, alpha=1.05,
-                 ensemble_temperature=10.0)
-  table = {
-      "teacher": (dict(name="none"), 1e-3),
-      "none": (dict(name="none"), 1e-3),
-      "cd": (cd, 1e-8),
-      # Teacher-guided: the items drawn once per phase, as KDs/UnKD's CD (redraw_every_epoch
-      # True: redrawn from the teacher's pool every epoch, this library's earlier behaviour).
-      "cd_teacher": (dict(cd, guide="teacher", redraw_every_epoch=False), 1e-8),
-      # No CiteULike RD config exists in that benchmark: the authors' code's defaults
-      # (graytowne/rank_distill distill_caser.py: teach_alpha 1, K 10, lamda 1, mu 0.1, 100
-      # dynamic samples from epoch 10, weights not renormalised). The earlier setting:
-      # lambda_kd=0.5, renormalize_weights=True.
-      "rd": (dict(name="rd", lambda_kd=1.0, top_k=10, position_temperature=1.0, mu=0.1,
-                  num_dynamic_samples=100, dynamic_start_epoch=10, renormalize_weights=False),
-             1e-5),
-      "de": (dict(name="de", **de), 1e-4),
-      "rrd": (dict(name="rrd", **rrd), 1e-5),
-      "de_rrd": (dict(name="de_rrd", **de, **rrd), 1e-5),
-      # The authors' DCD (dudwns511/DCD_CIKM21): user and item side, ranks within the teacher's
-      # top-M, re-ranking every 3 epochs, draws every step. Their repository gives no values:
-      # the benchmark's lambda, M, K, T for the user side, the same lambda for the item side.
-      "dcd": (dict(name="dcd", variant="authors", lambda_kd=0.01, lambda_icd=0.01, top_m=500,
-                   num_samples=100, temperature=10.0, refresh_every=3), 1e-5),
-      # The benchmark's own DCD (woriazzc/KDs cf/baseline.py::DCD), this library's earlier `dcd`.
-      "dcd_kds": (dict(name="dcd", variant="kds", lambda_kd=0.01, top_m=500, num_samples=100,
-                       temperature=10.0, refresh_every=1), 1e-5),
-      # No CiteULike FTD config exists in that benchmark: the authors' lambda_td = 1e-3 (their
-      # guide, batch 1024) halved for batch 2048, since L_FTD sums |E|^2 ~ B^2 pairs while the
-      # summed BPR grows as B; HTD's weight decay.
-      "ftd": (dict(name="ftd", lambda_td=5e-4), 1e-8),
-      "htd": (dict(name="htd", lambda_td=0.5, alpha=0.9, num_experts=30, choice="second",
-                   end_temperature=1e-10, anneal_epochs=1000), 1e-8),
-      # RCE-KD/KDs CiteULike: 2 popularity groups, 2 pairs per user (1 per group, lamda 0); the
-      # pairs as the reference code swaps them (half (better, better); 'intended': all informative).
-      "unkd": (dict(name="unkd", lambda_kd=0.5, num_groups=2, num_pairs=2, group_weight_power=0.0,
-                    top_l=1000, rank_temperature=20.0, pair_swap="reference"), 1e-8),
-      # RCE-KD/KDs CiteULike (configs/citeulike/bpr/rcekd.yaml, section bpr): lmbda 500, mkd_tau 1,
-      # mkd_K 50, mkd_L 50, mkd_T 10, mkd_mxK 200, mkd_beta 3, wd 1e-5; count cap 50 is in
-      # their code. Top lists over all items (training items included), as theirs.
-      "rce_kd": (dict(name="rce_kd", lambda_kd=500.0, tau=1.0, top_k=50, num_interesting=50,
-                      sample_temperature=10.0, top_m=200, beta=3.0, count_cap=50,
-                      mask_positives=False), 1e-5),
-      # RCE-KD/KDs CiteULike (configs/citeulike/bpr/hetcomp.yaml): lmbda 0.005, hetcomp_num_ckpt 3,
-      # hetcomp_K 50, hetcomp_p 10, hetcomp_alpha 1.05, wd 1e-3. ensemble_temperature is ours
-      # (only used with several teachers).
-      "hetcomp": (hetcomp, 1e-3),
-      "hetcomp_mf_lgcn": (hetcomp, 1e-3),
-  }
-  if name not in table:
-    raise ValueError(f"unknown method {name!r}; expected one of {METHODS + MULTI_TEACHER}")
-  settings, wd = table[name]
-  return ml_collections.ConfigDict(dict(settings, lists_budget_mb=2048, list_chunk=256)), wd
+# Each arm of the protocol: (method, its settings changed from the method's defaults, the
+# student's weight decay in that benchmark's config for it).
+ARMS = {
+    "teacher": ("none", {}, 1e-3),
+    "none": ("none", {}, 1e-3),
+    "cd": ("cd", {}, 1e-8),
+    # Teacher-guided: the items drawn once per phase, as KDs/UnKD's CD (redraw_every_epoch True:
+    # redrawn from the teacher's pool every epoch, this library's earlier behaviour).
+    "cd_teacher": ("cd", dict(guide="teacher", redraw_every_epoch=False), 1e-8),
+    "cd_teacher_redraw": ("cd", dict(guide="teacher", redraw_every_epoch=True), 1e-8),
+    # No CiteULike RD config exists in that benchmark: the authors' code's defaults. The earlier
+    # setting: lambda_kd=0.5, renormalize_weights=True.
+    "rd": ("rd", {}, 1e-5),
+    "rd_renorm": ("rd", dict(renormalize_weights=True, lambda_kd=0.5), 1e-5),
+    "de": ("de", {}, 1e-4),
+    "rrd": ("rrd", {}, 1e-5),
+    "de_rrd": ("de_rrd", {}, 1e-5),
+    "dcd": ("dcd", {}, 1e-5),  # the authors' DCD
+    # The benchmark's own DCD (woriazzc/KDs cf/baseline.py::DCD), this library's earlier `dcd`.
+    "dcd_kds": ("dcd", dict(variant="kds", refresh_every=1), 1e-5),
+    "ftd": ("ftd", {}, 1e-8),  # no CiteULike FTD config there: HTD's weight decay
+    "htd": ("htd", {}, 1e-8),
+    "unkd": ("unkd", {}, 1e-8),
+    # The pairs as intended (better, worse), this library's earlier UnKD.
+    "unkd_intended": ("unkd", dict(pair_swap="intended"), 1e-8),
+    "rce_kd": ("rce_kd", {}, 1e-5),
+    "hetcomp": ("hetcomp", {}, 1e-3),
+    "hetcomp_mf_lgcn": ("hetcomp", {}, 1e-3),
+}
 
+
+# The table (benchmarks/kd_table.py): the order of its rows, labels where an arm's differs from
+# its method's (`kdrec_jax.methods.label`), and RCE-KD's published Table 1 (MF -> MF on
+# CiteULike, mean of 5 runs): Recall@10, NDCG@10, Recall@20, NDCG@20.
+TABLE_ORDER = ("teacher", "none", "cd", "cd_teacher", "cd_teacher_redraw", "rd", "rd_renorm",
+               "de", "de_p100", "rrd", "de_rrd", "dcd", "dcd_kds", "ftd", "ftd_p100", "htd",
+               "unkd", "unkd_intended", "rce_kd", "hetcomp")
+LABELS = {
+    "teacher": "teacher (MF d=400)", "none": "student d=20, no KD", "cd": "CD, student-guided",
+    "cd_teacher": "CD, teacher-guided (items drawn once)",
+    "cd_teacher_redraw": "CD, teacher-guided, items redrawn every epoch",
+    "rd_renorm": "RD, weights renormalised, λ 0.5", "dcd": "DCD (authors')",
+    "dcd_kds": "DCD (KDs)", "unkd_intended": "UnKD, intended pair swap",
+    "de_p100": "DE, patience 100, ≤ 200 epochs (diagnostic)",
+    "ftd_p100": "FTD, patience 100, ≤ 300 epochs (diagnostic)",
+}
+PUBLISHED = {
+    "teacher": (.0283, .0155, .0442, .0198),
+    "none": (.0177, .0098, .0284, .0128),
+    "cd": (.0239, .0131, .0347, .0158),
+    "rrd": (.0251, .0135, .0362, .0169),
+    "dcd_kds": (.0254, .0136, .0375, .0173),  # the benchmark's own DCD (KDs)
+    "hetcomp": (.0255, .0135, .0391, .0177),
+    "rce_kd": (.0278, .0152, .0431, .0194),
+}
+
+
+def label(arm: str) -> str:
+  """The arm's row label in the protocol's table."""
+  if arm in LABELS:
+    return LABELS[arm]
+  return methods.label(ARMS[arm][0]) if arm in ARMS else arm
+
+
+def method_config(name: str):
+  """(method settings, the student's weight decay) for the arm `name` in `ARMS`: the method's
+  defaults (`kdrec_jax.methods.defaults`) with the arm's changes."""
+  if name not in ARMS:
+    raise ValueError(f"unknown method {name!r}; expected one of {METHODS + MULTI_TEACHER}")
+  method, changes, wd = ARMS[name]
+  return methods.defaults(method, **changes, lists_budget_mb=2048, list_chunk=256), wd
 
 # Seeds of the recorded sweep (results/kd): three for the no-KD student and CD, one otherwise.
 SWEEP_SEEDS = {"none": (0, 1, 2), "cd": (0, 1, 2)}

@@ -44,6 +44,7 @@ this library's, so compare the orderings and gains, not the digits.
 """
 import ml_collections
 
+from kdrec_jax import methods
 from kdrec_jax.data import default_data_config
 
 METHODS = ("teacher", "none", "ftd", "htd")
@@ -54,17 +55,15 @@ def _opt(lr, weight_decay):
 
 
 def method_config(name: str, epochs: int = 100) -> ml_collections.ConfigDict:
-  """The method settings for `name` in `METHODS` (HTD's temperature anneals over `epochs`)."""
-  table = {
-      "teacher": dict(name="none"),
-      "none": dict(name="none"),
-      "ftd": dict(name="ftd", lambda_td=1e-3),
-      "htd": dict(name="htd", lambda_td=1e-3, alpha=0.5, num_experts=30, choice="second",
-                  end_temperature=1e-10, anneal_epochs=epochs),
-  }
-  if name not in table:
+  """The method settings for `name` in `METHODS`: the method's defaults with the guide's
+  lambda_td = 1e-3 (and HTD's alpha 0.5, its temperature annealed over `epochs`)."""
+  changes = {"teacher": ("none", {}), "none": ("none", {}),
+             "ftd": ("ftd", dict(lambda_td=1e-3)),
+             "htd": ("htd", dict(lambda_td=1e-3, alpha=0.5, anneal_epochs=epochs))}
+  if name not in changes:
     raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
-  return ml_collections.ConfigDict(table[name])
+  method, settings = changes[name]
+  return methods.defaults(method, **settings)
 
 
 def parse_arg(arg: str) -> tuple[str, int, bool]:

@@ -41,6 +41,7 @@ use their RCE-KD CiteULike settings (configs/kd_citeulike.py).
 import ml_collections
 
 from configs import kd_citeulike
+from kdrec_jax import methods
 from kdrec_jax.data import default_data_config
 
 DATASETS = ("citeulike", "ml1m")
@@ -65,12 +66,10 @@ def _data(name: str):
 
 def _method(name: str):
   if name in ("teacher", "none"):
-    return ml_collections.ConfigDict(dict(name="none"))
-  if name == "unkd":
-    return ml_collections.ConfigDict(dict(
-        name="unkd", lambda_kd=1.0, num_groups=4, top_l=1000, rank_temperature=20.0,
-        num_pairs=30, group_weight_power=0.0, pair_swap="reference", lists_budget_mb=2048,
-        list_chunk=256))
+    return methods.defaults("none")
+  if name == "unkd":  # the authors' parse.py: kd_weight 1, 4 groups, 30 pairs per user
+    return methods.defaults("unkd", lambda_kd=1.0, num_groups=4, num_pairs=30,
+                            lists_budget_mb=2048, list_chunk=256)
   return kd_citeulike.method_config(name)[0]
 
 
@@ -80,8 +79,9 @@ ML1M_PATH = "data/ml-1m/ml-1m.inter"  # where the sweep's ml1m arms read MovieLe
 def sweep_arms(quick: bool = False) -> list[dict]:
   """The protocol's runs for `python -m launch.sweep` (arm format: launch/sweep.py): per dataset
   (arm `<dataset>:<method>`, folder `<cite|ml1m>_<method>`) the teacher, then the no-KD student,
-  RRD, CD and UnKD from it (`teacher_init`), and on CiteULike UnKD with kd weights 0.1 and 0.3
-  (`unkd_l0.1`, `unkd_l0.3`); seed 0. MovieLens-1M is read from `ML1M_PATH` (`--set
+  RRD, CD and UnKD from it (`teacher_init`), UnKD with the intended pair swap
+  (`unkd_intended`), and on CiteULike that one with kd weights 0.1 and 0.3
+  (`unkd_intended_l0.1`, `unkd_intended_l0.3`); seed 0. MovieLens-1M is read from `ML1M_PATH` (`--set
   ml1m:data.path=...` for another place); its RRD run is capped at 80 epochs as its recorded row
   (CPU time) and its CD run (not recorded) runs only when named: `--arms ml1m:cd`."""
   q = ",quick" if quick else ""
@@ -92,9 +92,13 @@ def sweep_arms(quick: bool = False) -> list[dict]:
     teacher = f"{dataset}:teacher"
     arms.append(dict(id=teacher, config=f"{file}:{dataset},teacher{q}", folder=f"{short}_teacher",
                      set=data, fixed={"distill.epochs": 0}))
-    variants = [(m, m, {}) for m in METHODS[1:]]
+    # UnKD as the authors' code pairs its items (the default) and as intended (the earlier
+    # default); on CiteULike also the intended pairs at kd weights 0.1 and 0.3.
+    intended = {"method.pair_swap": "intended"}
+    variants = [(m, m, {}) for m in METHODS[1:]] + [("unkd_intended", "unkd", intended)]
     if dataset == "citeulike":
-      variants += [(f"unkd_l{w}", "unkd", {"method.lambda_kd": w}) for w in (0.1, 0.3)]
+      variants += [(f"unkd_intended_l{w}", "unkd", {**intended, "method.lambda_kd": w})
+                   for w in (0.1, 0.3)]
     for name, method, settings in variants:
       capped = {"distill.epochs": 80} if (dataset, name) == ("ml1m", "rrd") and not quick else {}
       arms.append(dict(id=f"{dataset}:{name}", config=f"{file}:{dataset},{method}{q}",

@@ -1,17 +1,27 @@
 """Knowledge-distillation methods as data: each is a `Method`, a bundle of pure functions that the
 one train step and the schedule call. Adding a method never touches the step or the loop.
 
+The registry is this package: every module here (not starting with '_') is a method, named by
+its file, with
+  make(cfg, models, data) -> Method
+  DEFAULTS: dict   its settings' defaults (where they come from, in a comment beside them)
+  LABEL: str       its name in tables, PAPER: str its reference.
+`defaults(name)` gives a method's settings as a config section; protocol configs compose it
+with their own changes, and the table generator reads `label(name)`.
+
 A method says which learners its distillation phase trains ('teacher', 'student' and, for
 methods with networks of their own, 'method'); the other models are frozen (replicated, never
 updated, their own loss not computed, left out of that phase's checkpoints).
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 LEARNERS = ("teacher", "student", "method")
-NAMES = ("bd", "ibd", "none", "cd", "rd", "de", "rrd", "de_rrd", "dcd", "ftd", "htd", "unkd",
-         "rce_kd", "hetcomp")
+# Every method module of this package, found on disk: registering a method is adding its file.
+NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
 
 
 class Method(NamedTuple):
@@ -71,13 +81,29 @@ class Method(NamedTuple):
     return "teacher" not in self.learners
 
 
+def module(name: str):
+  """The method module `name` (one of `NAMES`)."""
+  if name not in NAMES:
+    raise ValueError(f"unknown method {name!r}; available: {', '.join(NAMES)}")
+  return importlib.import_module(f"kdrec_jax.methods.{name}")
+
+
+def defaults(name: str, **overrides):
+  """The method's settings as a config section: {'name': name, **DEFAULTS, **overrides}
+  (overrides may add the optional settings a method reads with defaults of its own)."""
+  import ml_collections
+  return ml_collections.ConfigDict({"name": name, **module(name).DEFAULTS, **overrides})
+
+
+def label(name: str) -> str:
+  """The method's name in tables."""
+  return module(name).LABEL
+
+
 def make(cfg, models, data) -> Method:
-  """Builds the method named by `cfg.name` for `models` = {'teacher': Model, 'student': Model}."""
-  import importlib
-  if cfg.name not in NAMES:
-    raise ValueError(f"unknown method {cfg.name!r}; available: {', '.join(NAMES)}")
-  module = importlib.import_module(f"kdrec_jax.methods.{cfg.name}")
-  return module.make(cfg, models, data)
+  """Builds the method named by `cfg.name` for `models` = {'teacher': Model, 'student': Model,
+  and any extra frozen teachers by name}."""
+  return module(cfg.name).make(cfg, models, data)
 
 
 def require_pairs(name: str, models) -> None:

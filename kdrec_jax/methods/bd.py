@@ -52,6 +52,23 @@ import numpy as np
 from kdrec_jax import losses, ranking, sparse
 from kdrec_jax.methods import Method
 
+LABEL = "BD"
+PAPER = "Kweon, Kang & Yu, Bidirectional Distillation for Top-K Recommender System, WWW'21"
+# The paper's semantics and the BD notebook's BPR-MF settings; the notebook's departures are the
+# switches rank_sign, mask_positives, positive_scores and bpr_negative (module docstring).
+DEFAULTS = dict(
+    refresh_every=10, tau=5.0, lambda_ts=0.5, lambda_st=0.5, eps_t=1e-2, eps_e=1e-4,
+    num_samples=1,
+    rank_sign="paper",        # 'notebook': the public notebook's inverted discrepancies
+    mask_positives=True,      # False: training positives can be sampled (notebook)
+    positive_scores="rank",   # with mask_positives=False: 'zero' ranks score x (1 - train
+                              # mask) as the notebooks (positives at score 0)
+    bpr_negative="uniform",   # 'bd_sample': BD's item doubles as BPR negative (notebook)
+    sampling_state="auto",    # tables / draws / snapshot; 'auto': the first that fits
+    table_budget_mb=2048,     # the sampling state's memory budget (tables: 2 x U x I float32)
+    rank_buckets=0,           # 0: exact ranks; > 0: histogram ranks (opt-in, bounded error)
+    refresh_chunk=256)
+
 
 def discrepancy(rank_t: jax.Array, rank_s: jax.Array, rank_sign: str = "paper") -> jax.Array:
   """The student's rank discrepancy d (the teacher's is -d), the same shape as the ranks: the

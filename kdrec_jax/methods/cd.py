@@ -37,6 +37,12 @@ import numpy as np
 from kdrec_jax import losses, ranking, sparse
 from kdrec_jax.methods import Method, require_pairs
 
+LABEL = "CD"
+PAPER = "Lee, Choi, Lee & Shim, Collaborative Distillation for Top-N Recommendation, ICDM'19"
+# The RCE-KD / KDs CiteULike config (configs/citeulike/bpr/cd.yaml there): student-guided.
+DEFAULTS = dict(lambda_kd=0.5, guide="student", pool_size=3000, rank_temperature=20.0,
+                num_samples=2, t1=2.0, t2=0.0, sampler="tournament")
+
 GUIDES = ("teacher", "student")
 SAMPLERS = ("tournament", "direct")
 

@@ -56,6 +56,15 @@ from kdrec_jax import ranking, sparse
 from kdrec_jax.methods import Method, require_pairs
 from kdrec_jax.methods.rrd import listwise_loss, relaxed_ranking_loss, unique_user_rows
 
+LABEL = "DCD"
+PAPER = "Lee & Kim, Dual Correction Strategy for Ranking Distillation, CIKM'21"
+# The authors' DCD (dudwns511/DCD_CIKM21): user and item side, ranks within the teacher's top-M,
+# re-ranking every 3 epochs, draws every step. Their repository gives no values: the RCE-KD /
+# KDs CiteULike lambda, M, K, T for the user side, the same lambda for the item side.
+# `variant='kds'` (with refresh_every=1) is the benchmark's own DCD.
+DEFAULTS = dict(variant="authors", lambda_kd=0.01, lambda_icd=0.01, top_m=500, num_samples=100,
+                temperature=10.0, refresh_every=3)
+
 VARIANTS = ("authors", "kds")
 _ZERO_FILL = -1e4  # below every log-weight + Gumbel draw: zero-weight slots fill in list order
 

@@ -33,6 +33,11 @@ import jax.numpy as jnp
 from kdrec_jax import losses, methods
 from kdrec_jax.methods import Method
 
+LABEL = "DE"
+PAPER = "Kang, Hwang, Kweon & Yu, DE-RRD, CIKM'20"
+# The RCE-KD / KDs CiteULike config (configs/citeulike/bpr/de.yaml there).
+DEFAULTS = dict(lambda_de=0.05, num_experts=30, end_temperature=1e-10)
+
 EPS = 1e-10  # inside log(alpha + EPS), as the authors' code
 SIDES = ("user", "item")
 

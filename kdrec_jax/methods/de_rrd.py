@@ -9,6 +9,10 @@ import jax
 
 from kdrec_jax.methods import Method, de, require_pairs, rrd
 
+LABEL = "DE-RRD"
+PAPER = "Kang, Hwang, Kweon & Yu, DE-RRD, CIKM'20"
+DEFAULTS = dict(**de.DEFAULTS, **rrd.DEFAULTS)
+
 
 def make(cfg, models, data) -> Method:
   require_pairs("de_rrd", models)

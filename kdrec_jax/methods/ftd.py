@@ -31,6 +31,12 @@ import jax.numpy as jnp
 from kdrec_jax import methods
 from kdrec_jax.methods import Method
 
+LABEL = "FTD"
+PAPER = "Kang, Hwang, Kweon & Yu, Topology Distillation for Recommender System, KDD'21"
+# The authors' lambda_td = 1e-3 (their guide, batch 1024) halved for batch 2048: L_FTD sums
+# |E|^2 ~ B^2 pairs while the summed BPR grows as B.
+DEFAULTS = dict(lambda_td=5e-4)
+
 MODELS = ("teacher", "student")
 NORM_EPS = 1e-24  # squared-norm floor: an all-zero row normalises to 0 (similarity 0), not NaN
 # The Gram form's value a - 2 b + c is trusted when it is at least this fraction of a + 2 b + c

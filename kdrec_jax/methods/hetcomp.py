@@ -86,6 +86,15 @@ from kdrec_jax import ranking, sparse
 from kdrec_jax.methods import Method, require_pairs
 from kdrec_jax.methods.rrd import relaxed_ranking_loss
 
+LABEL = "HetComp"
+PAPER = ("Kang, Kweon, Lee, Lian, Xie & Yu, Distillation from Heterogeneous Models for Top-K "
+         "Recommendation, WWW'23")
+# The RCE-KD / KDs CiteULike config (configs/citeulike/bpr/hetcomp.yaml): lmbda 0.005,
+# hetcomp_num_ckpt 3, hetcomp_K 50, hetcomp_p 10, hetcomp_alpha 1.05. ensemble_temperature is
+# ours (only used with several teachers).
+DEFAULTS = dict(lambda_kd=0.005, num_stages=3, top_k=50, period=10, alpha=1.05,
+                ensemble_temperature=10.0)
+
 _NEG = -1e9
 _CLIP = 40.0  # student logits are clipped to [-40, 40], as both codes do
 _DECAY = 0.995  # the DKC threshold's decay per period

@@ -52,6 +52,12 @@ import jax.numpy as jnp
 from kdrec_jax import methods
 from kdrec_jax.methods import Method, de, ftd
 
+LABEL = "HTD"
+PAPER = "Kang, Hwang, Kweon & Yu, Topology Distillation for Recommender System, KDD'21"
+# The RCE-KD / KDs CiteULike config (configs/citeulike/bpr/htd.yaml there).
+DEFAULTS = dict(lambda_td=0.5, alpha=0.9, num_experts=30, choice="second",
+                end_temperature=1e-10, anneal_epochs=1000)
+
 SIDES = ("user", "item")
 CHOICES = ("second", "first")
 

@@ -65,6 +65,21 @@ import numpy as np
 from kdrec_jax import ranking, sparse
 from kdrec_jax.methods import Method, bd
 
+LABEL = "iBD"
+PAPER = ("Du, Improved rank discrepancy-aware sampling based on bidirectional distillation, "
+         "J. Intelligent & Fuzzy Systems 44(3), 2023")
+# BD's settings plus the feedback's (the formalisation is ours: module docstring).
+DEFAULTS = dict(
+    bd.DEFAULTS,
+    beta=1.0,               # up-weighting (1 + beta) of re-selected items; 0 is BD, bit for bit
+    delta=0.0,              # "not corrected": discrepancy still > delta
+    strict=False,           # also require no progress: d^(r) >= kappa d^(r-1)
+    kappa=1.0,
+    gamma=0.0,              # > 0: history H = gamma H + 1[F], weights (1 + beta H)
+    shallow_rounds=1,       # rounds (refresh periods) of plain BD before the feedback starts
+    feedback="discrepancy",  # 'random': as many items per user, at random (the control)
+)
+
 # The learner of each direction: 'student' is T->S (weights b_S), 'teacher' is S->T (b_T).
 DIRECTIONS = ("student", "teacher")
 FEEDBACK = ("discrepancy", "random")

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from kdrec_jax.methods import Method
 
+LABEL = "no KD"
+PAPER = ""
+DEFAULTS = dict()  # the student alone (the no-KD baseline of every protocol)
+
 
 def make(cfg, models, data) -> Method:
   del cfg, models, data

@@ -42,6 +42,14 @@ from kdrec_jax import ranking, sparse
 from kdrec_jax.methods import Method, require_pairs
 from kdrec_jax.methods.rrd import contains_sorted
 
+LABEL = "RCE-KD"
+PAPER = "RCE-KD, arXiv 2509.20989"
+# The RCE-KD CiteULike config (configs/citeulike/bpr/rcekd.yaml, section bpr): lmbda 500,
+# mkd_tau 1, mkd_K 50, mkd_L 50, mkd_T 10, mkd_mxK 200, mkd_beta 3; the count cap 50 is in their
+# code. Top lists over all items (training items included), as theirs.
+DEFAULTS = dict(lambda_kd=500.0, tau=1.0, top_k=50, num_interesting=50, sample_temperature=10.0,
+                top_m=200, beta=3.0, count_cap=50, mask_positives=False)
+
 _NEG = -1e9  # masked logits: exp() is 0, gradients stay finite
 
 

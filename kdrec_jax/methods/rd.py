@@ -45,6 +45,13 @@ import jax.numpy as jnp
 from kdrec_jax import losses, methods, ranking, sparse
 from kdrec_jax.methods import Method
 
+LABEL = "RD"
+PAPER = "Tang & Wang, Ranking Distillation, KDD'18"
+# The authors' code (graytowne/rank_distill distill_caser.py): teach_alpha 1, K 10, lamda 1,
+# mu 0.1, 100 dynamic samples from epoch 10, weights not renormalised.
+DEFAULTS = dict(lambda_kd=1.0, top_k=10, position_temperature=1.0, mu=0.1,
+                num_dynamic_samples=100, dynamic_start_epoch=10, renormalize_weights=False)
+
 
 def position_weights(k: int, temperature: float) -> jax.Array:
   """float32 [k]: exp(-r / temperature) for ranks r = 1..k, normalised to sum 1."""

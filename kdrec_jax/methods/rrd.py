@@ -20,6 +20,12 @@ import jax.numpy as jnp
 from kdrec_jax import losses, ranking, sparse
 from kdrec_jax.methods import Method, require_pairs
 
+LABEL = "RRD"
+PAPER = "Kang, Hwang, Kweon & Yu, DE-RRD, CIKM'20"
+# The RCE-KD / KDs CiteULike config (configs/citeulike/bpr/rrd.yaml there).
+DEFAULTS = dict(lambda_rrd=0.1, top_m=500, num_interesting=100, num_uninteresting=200,
+                temperature=10.0)
+
 def relaxed_ranking_loss(ordered: jax.Array, ordered_valid: jax.Array, below: jax.Array,
                          below_valid: jax.Array) -> jax.Array:
   """Per row: -sum_k [s_k - log(sum_{l>=k} e^{s_l} + sum_j e^{b_j})] over the valid slots
@@ -97,5 +103,5 @@ def make(cfg, models, data) -> Method:
             {"rrd": share, "rrd_users": batch["global"].share(jnp.sum(samples["mask"]))})
 
   return Method(name="rrd", loss=loss, learners=("student",), sample=sample,
-                prepare=lambda frozen: lists.build(frozen["teacher"]), refresh=refresh, refresh_every=1,
-                refresh_reads=("teacher",), hparams={"lambda_rrd": cfg.lambda_rrd})
+                prepare=lambda frozen: lists.build(frozen["teacher"]), refresh=refresh,
+                refresh_every=1, refresh_reads=("teacher",), hparams={"lambda_rrd": cfg.lambda_rrd})

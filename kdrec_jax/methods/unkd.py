@@ -52,6 +52,14 @@ from kdrec_jax.data import popularity
 from kdrec_jax.methods import Method, require_pairs
 from kdrec_jax.ranking import per_user_keys
 
+LABEL = "UnKD"
+PAPER = "Chen, Chen, Feng, Zhou & He, Unbiased Knowledge Distillation for Recommendation, WSDM'23"
+# The RCE-KD / KDs CiteULike config: 2 popularity groups, 2 pairs per user (lamda 0); the pairs
+# as the reference code swaps them ('reference': half (better, better); 'intended': all
+# informative).
+DEFAULTS = dict(lambda_kd=0.5, num_groups=2, num_pairs=2, group_weight_power=0.0, top_l=1000,
+                rank_temperature=20.0, pair_swap="reference")
+
 MAX_ROUNDS = 256  # rounds of redrawing tied pairs; a pair still tied after them is dropped
 PAIR_SWAPS = ("reference", "intended")
 
