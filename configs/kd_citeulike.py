@@ -56,14 +56,14 @@ METHODS = ("teacher", "none", "cd", "cd_teacher", "cd_teacher_redraw", "rd", "rd
 # Methods with several frozen teachers or teacher trajectories (config.teachers,
 # config.teacher_trajectory): they need the loop's several-teacher support. HetComp's teacher
 # workdir must hold trajectory checkpoints:
-#   python -m launch.train --config configs/kd_citeulike.py:teacher --workdir /tmp/kd/teacher \
-#       --config.warmup.keep_epochs=50,100,150   # (the loop's option; name set by the loop)
+#   python -m launch.train --config configs/kd_citeulike.py:teacher --workdir runs/kd/teacher
+#   (its warm-up keeps the checkpoints at `warmup.keep_epochs`, 50, 100 and 150; those at or
+#   after the teacher's best epoch are not part of its trajectory and are left out).
 # 'hetcomp': the RCE-KD benchmark's HetComp (configs/citeulike/bpr/hetcomp.yaml there, run.sh
 #   `--ckpt_interval=50`): ONE teacher, the BPR-MF teacher, and its checkpoints every 50 epochs.
 #   They keep only the checkpoints from before the teacher's best epoch and use the first 3 of
-#   [those, the best teacher] as the stages; the method takes the first 3 of [the trajectory
-#   checkpoints it is given, in epoch order, the final teacher], so the loop should pass only
-#   those before the best epoch (our teacher's best epoch is 131: stages 50, 100, final).
+#   [those, the best teacher] as the stages; so does this library (our teacher's best epoch is
+#   131: stages 50, 100, final).
 # 'hetcomp_mf_lgcn': heterogeneous, as the HetComp paper (not a benchmark setting): the BPR-MF
 #   teacher and a LightGCN teacher (RCE-KD's CiteULike LightGCN teacher: d 2000, 3 layers, init
 #   std 0.1, trained alone with wd 1e-7), each with checkpoints at 50, 100, 150; point
@@ -207,9 +207,11 @@ def get_config(arg: str = ""):
   c.batch_size = 2048
   c.num_devices = 0
   epochs = 3 if quick else 1000
+  # The teacher's checkpoints at these epochs are kept: its training trajectory (HetComp).
+  trajectory = (1, 2) if quick else (50, 100, 150)
   c.warmup = ml_collections.ConfigDict(dict(
       epochs=epochs, models=("teacher",), teacher=_opt(1e-3, 1e-3), student=_opt(1e-3, 1e-3),
-      patience=30, stop_metric="NDCG@10"))
+      patience=30, stop_metric="NDCG@10", keep_epochs=trajectory))
   c.distill = ml_collections.ConfigDict(dict(
       epochs=0 if name == "teacher" else epochs, teacher=_opt(1e-3, 0.0),
       student=_opt(1e-3, wd), method=_opt(1e-3, wd), patience=30, stop_metric="NDCG@10"))
@@ -226,13 +228,13 @@ def get_config(arg: str = ""):
   c.teacher_init = ""
   c.warmup_from = ""
   if name in MULTI_TEACHER:  # trajectory epochs of the teacher (see MULTI_TEACHER above)
-    c.teacher_trajectory = (50, 100, 150)
+    c.teacher_trajectory = trajectory
     c.teachers = ml_collections.ConfigDict()
   if name == "hetcomp_mf_lgcn":
     c.teachers.lgcn = ml_collections.ConfigDict(dict(
         model=ml_collections.ConfigDict(dict(name="lightgcn", dim=2000, num_layers=3,
                                              init_std=0.1)),
-        init="", trajectory=(50, 100, 150)))
+        init="", trajectory=trajectory))
   for key, text in overrides.items():
     if key in PHASE_OVERRIDES:
       node, leaf = (c, key) if key == "checkpoint_every" else (c.distill, key)

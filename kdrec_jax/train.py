@@ -86,7 +86,9 @@ def _loaded_models(exp: Experiment, workdir: str, results: dict) -> dict:
 def _frozen_extras(exp: Experiment, workdir: str) -> tuple[dict, dict]:
   """({name: params}, {name: source}) of the extra frozen teachers (`config.teachers`) and of
   the trajectory checkpoints (`teacher_trajectory`, `teachers.<name>.trajectory`), each checked
-  against its model's structure."""
+  against its model's structure. A trajectory is the way to the final teacher: checkpoints at or
+  after the teacher's best epoch (when its warm-up stopped early) are left out, as HetComp's
+  code does."""
   config, params, sources = exp.config, {}, {}
   specs = extra_teachers(config)
   for name, spec in specs.items():
@@ -94,9 +96,13 @@ def _frozen_extras(exp: Experiment, workdir: str) -> tuple[dict, dict]:
     params[name] = wd.load_teacher(spec.init, like, what=f"teachers.{name}.init")
     sources[name] = spec.init
   for label, (name, epoch) in trajectory_names(config).items():
-    model = "teacher" if name == "teacher" else name
     path = (specs[name].init if name != "teacher" else teacher_init(config) or workdir)
-    like = exp.models[model].init(jax.random.key(0))
+    best = wd.finished_phases(path).get("warmup", {}).get("best_epoch")
+    if best is not None and epoch >= best:  # the trajectory leads to the best (final) teacher
+      logging.info("%s: not part of the trajectory (the teacher's best epoch is %d).", label,
+                   best)
+      continue
+    like = exp.models[name].init(jax.random.key(0))
     params[label] = wd.load_teacher(path, like, what=label, epoch=epoch)
     sources[label] = f"{path} (warm-up epoch {epoch})"
   return params, sources
