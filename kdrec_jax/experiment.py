@@ -96,11 +96,13 @@ class Experiment:
     """The sampled protocol's negatives: fixed per run."""
     return jax.random.fold_in(self.key, 7)
 
-  def evaluate(self, params, splits=("val", "test"), models=MODELS, bias: bool = False) -> dict:
+  def evaluate(self, params, splits=("val", "test"), models=MODELS, bias: bool = False,
+               key=None) -> dict:
     """{model: {split: metrics}} of `params` ({model: params}); `bias` adds the
-    per-popularity-group metrics (phase ends)."""
-    return {m: {s: self.evaluators[s](self.models[m].score_all, params[m], self.eval_key,
-                                     bias=bias)
+    per-popularity-group metrics (phase ends); `key` the sampled protocol's (default: the
+    run's `eval_key`)."""
+    key = self.eval_key if key is None else key
+    return {m: {s: self.evaluators[s](self.models[m].score_all, params[m], key, bias=bias)
                 for s in splits} for m in models}
 
   def report(self, params) -> dict:

@@ -242,8 +242,15 @@ class PhaseRun:
     self.phase_key, self.evaluated = phase_key, evaluated
     self.early = EarlyStop.of(pcfg, self.phase, self.config)
     self.every = program.method.refresh_every
-    self.refresh_key = jax.random.fold_in(phase_key, 1 << 30)
+    self.refresh_key = self.key_of(phase_key, 1 << 30)
     self.keep_epochs = frozenset(int(e) for e in pcfg.get("keep_epochs", ()) or ())
+
+  @staticmethod
+  def key_of(key, data: int):
+    return jax.random.fold_in(key, data)
+
+  def epoch_key(self, epoch: int):
+    return self.key_of(self.phase_key, epoch)
 
   def refresh_due(self, epoch: int) -> bool:
     return epoch % self.every == 0 if self.every else epoch == 0
@@ -261,9 +268,7 @@ class PhaseRun:
       logging.info("[%s] resumed at epoch %d from %s", self.phase.name, epoch,
                    self.ckpt.directory)
     if not self.phase.train:  # nothing to train (e.g. the warm-up of a loaded teacher)
-      evals = self.exp.evaluate(state.params, models=self.evaluated, bias=True)
-      self.writer.write(phase=self.phase.name, epoch=0, final=True, eval=evals)
-      return dict(evals, seconds=0.0, epochs=0)
+      return self._untrained(state)
     if (self.program.uses_refresh and epoch < self.pcfg.epochs
         and not self.refresh_due(epoch)):
       last = epoch - epoch % self.every if self.every else 0
@@ -273,6 +278,11 @@ class PhaseRun:
     if out is None:
       return None
     return self._finish(*out)
+
+  def _untrained(self, state) -> dict:
+    evals = self.exp.evaluate(state.params, models=self.evaluated, bias=True)
+    self.writer.write(phase=self.phase.name, epoch=0, final=True, eval=evals)
+    return dict(evals, seconds=0.0, epochs=0)
 
   def _loop(self, state, epoch, best):
     t_phase = time.time()
@@ -288,8 +298,7 @@ class PhaseRun:
         if stats is not None:
           self.writer.write(phase=self.phase.name, epoch=epoch, refresh=jax.device_get(stats))
         state = self.program.replicate(state)
-      state, metrics = self.program.run_epoch(state, jax.random.fold_in(self.phase_key, epoch),
-                                              epoch)
+      state, metrics = self.program.run_epoch(state, self.epoch_key(epoch), epoch)
       faults.point("epoch")  # the epoch is dispatched and running
       epoch += 1
       if self.budget[0] is not None:

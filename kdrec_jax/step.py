@@ -217,12 +217,17 @@ def p_train_step(train_step, mesh):
   return jax.jit(shard(train_step, mesh), donate_argnums=0)
 
 
-def make_epoch(train_step, mesh, num_train: int, batch_size: int):
+def make_epoch(train_step, mesh, num_train: int, batch_size: int, run_axes=None):
   """`epoch(state, examples, key, epoch_index=0) -> (state, metrics)`: a shuffled pass over all
   `num_train` training examples (`examples`: {field: [num_train]}, e.g. {'user', 'pos'} for pairs
   or {'user'} for user batches) as one jitted `lax.scan` of the sharded step. The last batch is
   padded (weight 0). `epoch_index` (traced) becomes `state.epoch` for the step. Returns the
-  epoch function and the number of steps."""
+  epoch function and the number of steps.
+
+  `run_axes` (a `TrainState` of vmap axes: 0 on the leaves with a leading run axis, None on the
+  shared ones): several runs as one program, `jax.vmap` of the epoch over the run axis of the
+  state and of `key` (one key per run, so each run has its own data order and draws); the
+  metrics gain the run axis."""
   n_dev = mesh.devices.size
   if batch_size % n_dev:
     raise ValueError(f"batch_size {batch_size} is not divisible by {n_dev} devices")
@@ -237,13 +242,19 @@ def make_epoch(train_step, mesh, num_train: int, batch_size: int):
   sharded_scan = jax.shard_map(scan_steps, mesh=mesh, in_specs=(P(), P(None, AXIS), P()),
                                out_specs=(P(), P()), check_vma=False)
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def epoch(state: TrainState, examples, key, epoch_index=0):
+  def one_epoch(state: TrainState, examples, key, epoch_index):
     state = state.replace(epoch=jnp.asarray(epoch_index, jnp.int32))
     k_perm, k_steps = jax.random.split(key)
     batches = shuffled_batches(k_perm, examples, num_train, batch_size, steps)
     state, metrics = sharded_scan(state, batches, k_steps)
     return state, jax.tree.map(jnp.sum, metrics)
+
+  if run_axes is not None:
+    one_epoch = jax.vmap(one_epoch, in_axes=(run_axes, None, 0, None), out_axes=(run_axes, 0))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def epoch(state: TrainState, examples, key, epoch_index=0):
+    return one_epoch(state, examples, key, epoch_index)
 
   return epoch, steps
 

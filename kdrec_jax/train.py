@@ -39,12 +39,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
   groups of `data.popularity.groups`, described under 'popularity_groups'); the per-epoch
   validations leave them out. `config.max_epochs_per_run` > 0 stops (checkpointed) after that
   many epochs in this call.
+
+  `config.runs` (seeds and/or a grid) trains several runs as one program and returns {run name:
+  results}, each run in its own folder under `workdir` (`kdrec_jax.runs`).
   """
+  from kdrec_jax import runs
+  run = runs.train_and_evaluate_runs if runs.requested(config) else _run
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() != 0:  # multi-host: process 0 holds the lock and writes for all
-    return _run(config, workdir)
+    return run(config, workdir)
   with wd.WorkdirLock(workdir):
-    return _run(config, workdir)
+    return run(config, workdir)
+
+
+def scheduled_phases(config, method) -> tuple[str, ...]:
+  """The names of the phases `config` schedules."""
+  return tuple(phase.name for phase, _ in phases_for(config, method))
 
 
 def _open_results(exp: Experiment, workdir: str, forced: list) -> dict:

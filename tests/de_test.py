@@ -372,6 +372,7 @@ def _copy(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
+@pytest.mark.slow
 @needs_4_devices
 def test_distill_epoch_4_devices_matches_1(de_setup):
   cfg, exp, state0, _ = de_setup
@@ -396,6 +397,7 @@ def test_distill_epoch_4_devices_matches_1(de_setup):
     assert min(jax.tree.leaves(moved)) > 0, learner
 
 
+@pytest.mark.slow
 def test_epochs_trace_once_and_anneal(de_setup):
   cfg, exp, state0, _ = de_setup
   chex.clear_trace_counter()

@@ -331,6 +331,7 @@ def test_batch_loss_switches_at_final(het):
     assert float(aux["hetcomp_final_rows"]) == (4.0 if final else 0.0)
 
 
+@pytest.mark.slow
 def test_one_epoch_through_the_train_step(citeulike_file):
   """The method inside today's step (one teacher, its trajectory passed by hand): both loss forms
   train the student, finite, and the frozen teacher does not move."""

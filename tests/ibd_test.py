@@ -469,6 +469,7 @@ def _logged(method, by_users: bool):
   return method._replace(update_carry=update_carry)
 
 
+@pytest.mark.slow
 @needs_4_devices
 @pytest.mark.parametrize("cdae", [False, True])
 def test_4_devices_equal_1_and_record_holds_the_draws(citeulike_file, cdae):
@@ -522,6 +523,7 @@ def _refresh_lines(workdir):
     return [r for r in map(json.loads, f) if "refresh" in r]
 
 
+@pytest.mark.slow
 def test_resumed_mid_round_is_bit_identical(citeulike_file, tmp_path):
   """2 warm-up + 5 distillation epochs, 3 per call: the first call stops after distillation
   epoch 1 (mid round 0), the second after epoch 4 (mid round 1, with feedback), so the third

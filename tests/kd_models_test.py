@@ -11,6 +11,8 @@ import pytest
 from conftest import kd_config
 from kdrec_jax import train
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the quick tier
+
 KD_METHODS = ("cd", "cd_teacher", "rd", "de", "rrd", "de_rrd", "dcd", "dcd_kds", "ftd", "htd",
               "unkd")
 

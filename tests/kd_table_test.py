@@ -76,8 +76,11 @@ def test_ub_table_lists_groups_and_shares():
 def test_ub_table_adds_unkd_weight_variants():
   test = {"Recall@20": 0.1, "NDCG@20": 0.05, "Recall@20/g0": 0.2, "Share@20/g0": 0.7}
   phases = {"distill": {"student": {"test": test}}}
-  lines = kd_table.ub_table({"cite_unkd": phases, "cite_unkd_l0.1": phases}).splitlines()
-  assert [line.split(" | ")[1] for line in lines[2:]] == ["UnKD", "UnKD, λ = 0.1"]
+  lines = kd_table.ub_table({"cite_unkd": phases, "cite_unkd_intended": phases,
+                             "cite_unkd_intended_l0.1": phases}).splitlines()
+  assert [line.split(" | ")[1] for line in lines[2:]] == [
+      "UnKD (the authors' pairs)", "UnKD, intended pair swap",
+      "UnKD, intended pair swap, λ = 0.1"]
 
 
 def _td_runs(root):

@@ -16,6 +16,8 @@ from kdrec_jax import checkpoint, data, metrics, train, workdir
 from kdrec_jax.checkpoint import PhaseCheckpoints
 from kdrec_jax.data.interactions import Interactions
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the quick tier
+
 
 @pytest.fixture(scope="module")
 def teacher_dir(citeulike_file, tmp_path_factory):

@@ -6,6 +6,8 @@ being written. The uninterrupted run is made twice, in two processes: bit-identi
 """
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -16,6 +18,8 @@ import numpy as np
 
 from conftest import REPO_ROOT
 from kdrec_jax import faults
+
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the quick tier
 
 KILLS = 10
 

@@ -382,6 +382,7 @@ def test_lightgcn_prepared_params_give_the_same_results_and_gradients(batch_l2, 
                                atol=1e-7, err_msg=k)
 
 
+@pytest.mark.slow
 def test_lightgcn_bd_step_propagates_once_per_model(citeulike_file, monkeypatch):
   """Tracing one BD train step with LightGCN teacher and student: two propagations (one per
   model) with `prepare`, more without it (each model's own loss and BD's scoring of both);
@@ -497,6 +498,7 @@ TRAIN_SETTINGS = {  # (model fields, steps, batch, lr, weight decay)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_training_beats_popularity(name, citeulike_sample):
   data = citeulike_sample
@@ -533,6 +535,7 @@ def _write_users_dat(path, num_users=100, num_items=150, seed=0):
   return str(path)
 
 
+@pytest.mark.slow
 def test_bd_launcher_end_to_end(tmp_path):
   """BD's CDAE quick config (user batches: its own path through the step) end to end through
   `launch.train`; the NeuMF and LightGCN configs build their experiment (their training is

@@ -3,6 +3,8 @@
 and the same global batch; process 0 alone writes the workdir."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import socket
@@ -10,6 +12,8 @@ import subprocess
 import sys
 
 from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the quick tier
 
 
 def _free_port() -> int:

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the quick tier
+
 NOTEBOOKS = os.path.join(REPO_ROOT, "notebooks")
 CELL_TIMEOUT_S = 300  # per cell; a tiny run takes ~10-30 s on a 2-core CPU
 FIXTURE_RUNS = os.path.join(REPO_ROOT, "tests", "fixtures", "workdirs", "kd")

@@ -242,6 +242,7 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_launcher_writes_pngs(tmp_path):
   out = tmp_path / "plots"
   done = _launch("--workdirs", ",".join([BD] + KD[1:]), "--out", str(out),
@@ -261,6 +262,7 @@ def test_launcher_writes_pngs(tmp_path):
   assert done.returncode == 0 and done.stdout.split() == [str(out / "ibd_refresh.png")]
 
 
+@pytest.mark.slow
 def test_launcher_one_line_errors(tmp_path):
   missing = str(tmp_path / "nowhere")
   for args, message in (

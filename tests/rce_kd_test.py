@@ -175,6 +175,7 @@ def test_loss_sums_rows_over_explicit_sets(citeulike_file):
   np.testing.assert_allclose(float(terms["student"]), hp.lambda_kd * want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_end_to_end_teacher_frozen(citeulike_file, tmp_path):
   """A teacher warm-up then two distillation epochs through `train_and_evaluate`; the frozen
   teacher's evaluation is the same before and after, and one epoch leaves its params bitwise."""

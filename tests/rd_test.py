@@ -401,6 +401,7 @@ def test_user_batched_models_are_rejected():
     rd.make(_kd_config_module().method_config("rd")[0], models, data)
 
 
+@pytest.mark.slow
 def test_end_to_end_smoke(make_config, tmp_path):
   cfg = make_config(warmup__epochs=1, distill__epochs=2, control=False)
   cfg.method = _kd_config_module().method_config("rd")[0]

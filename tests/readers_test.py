@@ -419,6 +419,7 @@ def test_statistics_on_fixture():
           in text)
 
 
+@pytest.mark.slow
 def test_launch_data_run_reports_bad_data_on_one_line(capsys):
   from launch import data as launch_data
   cfg = _preset_config("movielens_1m")
@@ -431,6 +432,7 @@ def test_launch_data_run_reports_bad_data_on_one_line(capsys):
   assert launch_data.num_groups_of(cfg) == 0
 
 
+@pytest.mark.slow
 def test_launch_data_command():
   proc = subprocess.run(
       [sys.executable, "-m", "launch.data", "--config", "configs/data/preset.py:foursquare_nyc",

@@ -30,6 +30,7 @@ def _stopped_run(citeulike_file, workdir, epochs=3):
   return train.train_and_evaluate(_cfg(citeulike_file, max_epochs_per_run=epochs), workdir)
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(citeulike_file, tmp_path):
   workdir = str(tmp_path / "run")
   _stopped_run(citeulike_file, workdir)
@@ -45,6 +46,7 @@ def test_resume_with_another_config_is_refused(citeulike_file, tmp_path):
   assert set(results["phases"]) == {"warmup", "distill"}
 
 
+@pytest.mark.slow
 def test_force_resume_is_recorded(citeulike_file, tmp_path):
   workdir = str(tmp_path / "run")
   _stopped_run(citeulike_file, workdir)
@@ -67,6 +69,7 @@ def test_force_resume_needs_no_config_key():
                                   ) == (["prog", "--config.seed=1"], {"force_resume": False})
 
 
+@pytest.mark.slow
 def test_force_resume_flag_reaches_the_run(tmp_path):
   # Parsed and added to the config: the run gets as far as reading its (missing) data file.
   proc = _launch("--config", "configs/bd_bpr_citeulike.py:quick", "--config.force_resume=True",
@@ -171,6 +174,7 @@ def test_progress_line_on_a_terminal_only(monkeypatch):
 # numerics and degenerate data
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_phase_epoch_and_last_good_checkpoint(citeulike_file,
                                                                            tmp_path):
   workdir = str(tmp_path / "run")
@@ -187,6 +191,7 @@ def _write_pairs(path, pairs):
   return str(path)
 
 
+@pytest.mark.slow
 def test_degenerate_users_and_items_train_and_evaluate(citeulike_file, tmp_path):
   """A ready-made split with a user id that has no interactions at all, item ids nobody
   interacted with, a user whose every item is held out (a cold user) and items seen only in

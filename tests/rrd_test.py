@@ -175,6 +175,7 @@ def test_dcd_refresh_draws_from_the_teacher_list(citeulike_file):
       assert np.isin(got[u], top[u]).all() and len(set(got[u].tolist())) == got.shape[1]
 
 
+@pytest.mark.slow
 @needs_4_devices
 @pytest.mark.parametrize("method", ["rrd", "dcd", "dcd_kds"])
 def test_unique_user_losses_4_devices_match_1(citeulike_file, method):

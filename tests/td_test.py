@@ -577,6 +577,7 @@ def _copy(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
+@pytest.mark.slow
 @needs_4_devices
 @pytest.mark.parametrize("name", ["ftd", "htd"])
 def test_distill_epoch_4_devices_matches_1(epoch_setup, name):
@@ -606,6 +607,7 @@ def test_distill_epoch_4_devices_matches_1(epoch_setup, name):
     assert min(jax.tree.leaves(moved)) > 0, learner
 
 
+@pytest.mark.slow
 def test_htd_epochs_trace_once_and_anneal(epoch_setup):
   cfg, exp, state0, program = epoch_setup("htd")
   chex.clear_trace_counter()

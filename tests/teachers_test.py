@@ -17,6 +17,8 @@ from conftest import kd_config
 from kdrec_jax import train, workdir
 from kdrec_jax.checkpoint import PhaseCheckpoints
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the quick tier
+
 LGCN = dict(name="lightgcn", dim=8, num_layers=2, init_std=0.1)
 
 

@@ -18,6 +18,8 @@ from conftest import REPO_ROOT
 from kdrec_jax import parallel, schedule, step as kstep, train
 from kdrec_jax.checkpoint import PhaseCheckpoints
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the quick tier
+
 MODELS = train.MODELS
 PHASES = ("warmup", "distill", "control")
 
@@ -72,6 +74,7 @@ def _params(state):
 # data parallelism
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_4_devices
 def test_distill_epoch_4_devices_matches_1(distill_setup):
   cfg, exp, program0, state0, _ = distill_setup
@@ -103,6 +106,7 @@ def test_distill_epoch_4_devices_matches_1(distill_setup):
                 - np.asarray(state0.params["student"]["item"])).max() > 1e-3
 
 
+@pytest.mark.slow
 @needs_4_devices
 def test_pre_drawn_bd_epoch_4_devices_matches_1(citeulike_file):
   """BD with pre-drawn samples ('draws'): the step reads its pairs' draws; every pair gets a valid
@@ -132,6 +136,7 @@ def _cdae_config(citeulike_file, **overrides):
   return cfg
 
 
+@pytest.mark.slow
 @needs_4_devices
 def test_user_batched_distill_epoch_4_devices_matches_1(citeulike_file):
   """CDAE: the batches are users; BD draws 5 |I+_u| items per user and direction."""
@@ -172,6 +177,7 @@ def _batch(exp, size=32, offset=5):
           "index": jnp.arange(size, dtype=jnp.int32), "weight": jnp.asarray(weight)}
 
 
+@pytest.mark.slow
 @needs_4_devices
 def test_single_step_4_devices_matches_1(distill_setup):
   cfg, exp, _, state0, step = distill_setup
@@ -195,6 +201,7 @@ def test_single_step_4_devices_matches_1(distill_setup):
     assert np.all(delta[in_batch] > 0.5 * lr) and np.all(delta <= lr * 1.001), m
 
 
+@pytest.mark.slow
 @needs_4_devices
 def test_pmap_form_matches_shard_map(distill_setup):
   _, exp, _, state0, step = distill_setup
@@ -212,6 +219,7 @@ def test_pmap_form_matches_shard_map(distill_setup):
     np.testing.assert_allclose(float(m_p[k]), float(m_s[k]), rtol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 @needs_4_devices
 def test_frozen_teacher_in_warmup_is_bit_identical(distill_setup):
   cfg, exp, _, _, _ = distill_setup
@@ -319,6 +327,7 @@ def test_teacher_init_trains_only_the_student(uninterrupted_run, citeulike_file,
                        distill__epochs=0), str(tmp_path / "run_d"))
 
 
+@pytest.mark.slow
 @needs_4_devices
 def test_multi_device_run_matches_single_device(citeulike_file, tmp_path):
   """A whole run on 4 devices (states restored from checkpoints at the start of distillation

@@ -349,6 +349,7 @@ def test_protocol_config_overrides():
     module.get_config("citeulike,unkd,swap=intended")
 
 
+@pytest.mark.slow
 def test_end_to_end_results_have_bias_metrics(citeulike_file, tmp_path):
   cfg = kd_config(citeulike_file, "unkd", num_devices=1, method__top_l=20, warmup__epochs=1,
                   distill__epochs=1)
