@@ -1,6 +1,7 @@
 """Several runs as one compiled program: seeds and hyperparameter grids on a leading run axis.
 
-`config.runs.seeds` (e.g. (0, 1, 2)) and `config.runs.grid` ({'method.lambda_kd': (0.1, 0.5)})
+`config.runs.seeds` (e.g. (0, 1, 2)) and `config.runs.grid`, nested as the config ({'method':
+{'lambda_kd': (0.1, 0.5)}}, on the command line `--config.runs.grid.method.lambda_kd=0.1,0.5`),
 ask for the runs of their product. Runs that differ only in their seed and in the method's traced
 hyperparameters (`Method.hparams`) share every shape, so they train as one program: the
 learners' params and optimizer states, the per-refresh state, the keys (hence each run's data
@@ -46,7 +47,7 @@ def expand(config) -> list[Run]:
   """The runs `config.runs` asks for: every grid combination (in key order) times every seed."""
   runs = config.runs
   seeds = tuple(int(s) for s in (runs.get("seeds", ()) or (config.seed,)))
-  grid = dict(runs.get("grid", {}) or {})
+  grid = _flat_grid(runs.get("grid", {}) or {})
   keys = sorted(grid)
   for k in keys:
     get(config, k)  # a clear error for a key the config does not have
@@ -59,6 +60,17 @@ def expand(config) -> list[Run]:
                      values=values))
   if len({r.name for r in out}) != len(out):
     raise ValueError(f"runs: the run names repeat ({[r.name for r in out]})")
+  return out
+
+
+def _flat_grid(grid, prefix: str = "") -> dict:
+  """{dotted key: values} of a grid nested as the config ({'method': {'lambda_kd': (...)}})."""
+  out = {}
+  for k, v in (grid.items() if hasattr(grid, "items") else ()):
+    if hasattr(v, "items"):
+      out.update(_flat_grid(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = tuple(v)
   return out
 
 

@@ -65,10 +65,52 @@ def _pop_run_keys(argv) -> tuple[list, dict]:
   return rest, found
 
 
+def _literal(text: str):
+  """A grid value: an int, a float, True/False, or the text itself."""
+  import ast
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return value if isinstance(value, (int, float, bool)) else text
+
+
+def _pop_runs(argv) -> tuple[list, dict]:
+  """(argv without the `--config.runs.*` overrides, the runs they ask for): `--config.runs.seeds=
+  0,1,2` and `--config.runs.grid.<dotted key>=v1,v2,...` (kdrec_jax.runs), which a config file
+  need not declare; `--config.runs.budget_mb=N` bounds their memory."""
+  rest, runs = [], {}
+  for arg in argv:
+    name, eq, value = arg.partition("=")
+    if not name.startswith("--config.runs.") or not eq:
+      rest.append(arg)
+      continue
+    key = name[len("--config.runs."):]
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+      if key == "seeds":
+        runs["seeds"] = tuple(int(v) for v in items)
+      elif key == "budget_mb":
+        runs["budget_mb"] = float(value)
+      elif key.startswith("grid.") and items:  # nested as the config: grid.method.lambda_kd
+        *parents, leaf = key[len("grid."):].split(".")
+        node = runs.setdefault("grid", {})
+        for part in parents:
+          node = node.setdefault(part, {})
+        node[leaf] = tuple(_literal(v) for v in items)
+      else:
+        raise ValueError(key)
+    except ValueError:
+      sys.exit(f"error: bad config override {arg!r}: expected --config.runs.seeds=0,1,2, "
+               "--config.runs.grid.<key>=v1,v2 or --config.runs.budget_mb=N")
+  return rest, runs
+
+
 def parse_flags(argv):
   """`flags_parser` for `absl.app.run`: absl's parsing, with one-line errors."""
   argv, run_keys = _pop_run_keys(argv)
-  sys.argv[:] = _pop_run_keys(sys.argv)[0]  # config_flags reads its overrides from sys.argv too
+  argv, runs = _pop_runs(argv)
+  sys.argv[:] = _pop_runs(_pop_run_keys(sys.argv)[0])[0]  # config_flags reads sys.argv too
   try:
     rest = flags.FLAGS(argv)
     config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
@@ -77,6 +119,9 @@ def parse_flags(argv):
       with config.unlocked():  # config_flags locks the config against new keys
         for key, value in run_keys.items():
           config[key] = value
+        if runs:
+          import ml_collections
+          config["runs"] = ml_collections.ConfigDict(runs)
     return rest
   except OSError as e:
     sys.exit(f"error: cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")
