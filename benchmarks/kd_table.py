@@ -56,14 +56,28 @@ TD_REFERENCE = {("none", 10): .1788, ("ftd", 10): .2112, ("htd", 10): .2282,
                 ("none", 20): .2276, ("ftd", 20): .2516, ("htd", 20): .2744}
 
 
-def load_runs(root: str) -> dict:
-  """{run folder name: the results.json phases} for every run under `root`."""
+def run_folders(root: str) -> dict:
+  """{run name: its folder} for every run under `root`: `<name>/results.json`, and the runs of
+  a multi-run workdir (`launch.sweep --vmap_seeds`, kdrec_jax.runs) `<name>/<run>/results.json`
+  as `<name>_<run>` (e.g. `rrd/s0` as `rrd_s0`)."""
   out = {}
   for name in sorted(os.listdir(root)):
-    path = os.path.join(root, name, "results.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        out[name] = json.load(f)["phases"]
+    folder = os.path.join(root, name)
+    if os.path.exists(os.path.join(folder, "results.json")):
+      out[name] = folder
+    elif os.path.isdir(folder):
+      for sub in sorted(os.listdir(folder)):
+        if os.path.exists(os.path.join(folder, sub, "results.json")):
+          out[f"{name}_{sub}"] = os.path.join(folder, sub)
+  return out
+
+
+def load_runs(root: str) -> dict:
+  """{run name: the results.json phases} for every run under `root` (`run_folders`)."""
+  out = {}
+  for name, folder in run_folders(root).items():
+    with open(os.path.join(folder, "results.json")) as f:
+      out[name] = json.load(f)["phases"]
   return out
 
 
@@ -72,7 +86,8 @@ def training_seconds(root: str, name: str, phase: str):
   however many calls a resumed run took (the per-epoch lines' seconds_per_epoch times the
   epochs since the previous kept line; evaluation and refresh included, compilation not), or
   None without per-epoch lines."""
-  path = os.path.join(root, name, "metrics.jsonl")
+  folder = run_folders(root).get(name, os.path.join(root, name))
+  path = os.path.join(folder, "metrics.jsonl")
   if not os.path.exists(path):
     return None
   last = {}  # epoch -> seconds per epoch of its latest line (a resumed run redoes epochs)

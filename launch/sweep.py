@@ -76,6 +76,7 @@ class Run:
   needs: list               # names of the runs that must finish first
   config: object = None     # the resolved ConfigDict (overrides applied)
   named: bool = False       # selected by --arms (not only needed by a selected run)
+  seeds: tuple = ()         # --vmap_seeds: the seeds run as one program, in <workdir>/s<seed>
 
 
 def resolve_path(path: str) -> str:
@@ -201,7 +202,11 @@ def scheduled_phases(config) -> list[str]:
 
 
 def finished(run: Run) -> bool:
-  """Whether the run's results.json holds every phase its config schedules."""
+  """Whether the run's results.json holds every phase its config schedules (every seed's, for
+  seeds run as one program)."""
+  if run.seeds:
+    return all(finished(dataclasses.replace(run, seeds=(), workdir=os.path.join(
+        run.workdir, f"s{s}"))) for s in run.seeds)
   path = os.path.join(run.workdir, "results.json")
   if not os.path.exists(path):
     return False
@@ -213,8 +218,11 @@ def finished(run: Run) -> bool:
   return all(p in phases for p in scheduled_phases(run.config))
 
 
-def plan(module, root: str, selectors=None, seeds=None, overrides=(), quick=False) -> list[Run]:
-  """The runs of a sweep in order (what a run needs comes first), configs resolved."""
+def plan(module, root: str, selectors=None, seeds=None, overrides=(), quick=False,
+         vmap_seeds=False) -> list[Run]:
+  """The runs of a sweep in order (what a run needs comes first), configs resolved. With
+  `vmap_seeds`, each seeded arm's seeds are one run (`--config.runs.seeds`, kdrec_jax.runs) in
+  the folder named without its seed, each seed's results in its `s<seed>` sub-folder."""
   arms = protocol_arms(module, quick)
   by_id = {a["id"]: a for a in arms}
   chosen = select(arms, selectors)
@@ -266,12 +274,25 @@ def plan(module, root: str, selectors=None, seeds=None, overrides=(), quick=Fals
   once = [make(a, None) for a in chosen if "{seed}" not in a["folder"]]
   per_seed = [a for a in chosen if "{seed}" in a["folder"]]
   all_seeds = sorted({s for a in per_seed for s in (seeds or a["seeds"])})
-  runs = once + [make(a, s) for s in all_seeds for a in per_seed if s in (seeds or a["seeds"])]
+  if vmap_seeds:
+    runs = once + [_as_one_program(make(a, None), tuple(seeds or a["seeds"]), root)
+                   for a in per_seed]
+  else:
+    runs = once + [make(a, s) for s in all_seeds for a in per_seed
+                   if s in (seeds or a["seeds"])]
   names = [r.name for r in runs]
   dup = [n for n, k in collections.Counter(names).items() if k > 1]
   if dup:
     raise SystemExit(f"error: sweep_arms(): folders {dup} repeat")
   return runs
+
+
+def _as_one_program(run: Run, seeds: tuple, root: str) -> Run:
+  """A seeded arm's seeds as one run: the folder without its seed, `runs.seeds` set."""
+  name = run.arm["folder"].replace("_s{seed}", "").replace("{seed}", "")
+  overrides = dict(run.overrides, **{"runs.seeds": ",".join(str(s) for s in seeds)})
+  return dataclasses.replace(run, name=name, workdir=os.path.join(root, name),
+                             overrides=overrides, seeds=seeds)
 
 
 def _flag_value(value) -> str:
@@ -378,6 +399,8 @@ def parse_args(argv):
   parser.add_argument("--set", action="append", default=[], metavar="[ARM:]KEY=VALUE",
                       help="A config override (repeatable).")
   parser.add_argument("--quick", action="store_true", help="Each arm's ',quick' config.")
+  parser.add_argument("--vmap_seeds", action="store_true", help="Each seeded arm's seeds as "
+                      "one vmapped program (kdrec_jax.runs), in <folder>/s<seed>.")
   parser.add_argument("--dry_run", action="store_true", help="Print the plan; run nothing.")
   args, rest = parser.parse_known_args(argv)
   for extra in rest:  # ml_collections-style overrides, as launch.train takes them
@@ -396,7 +419,7 @@ def main(argv=None, runner=run_subprocess, out=sys.stdout) -> int:
     raise SystemExit(f"error: --seeds {args.seeds!r}: expected comma-separated integers") from None
   runs = plan(load_module(args.config.partition(":")[0]), args.root,
               [s for s in args.arms.split(",") if s.strip()] or None, seeds, args.set,
-              args.quick)
+              args.quick, args.vmap_seeds)
   if args.dry_run:
     for run in runs:
       state = "finished" if finished(run) else "to run"

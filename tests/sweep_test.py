@@ -189,3 +189,20 @@ def test_quick_ibd_sweep_then_a_rerun_runs_nothing(citeulike_file, tmp_path, mon
     arm = json.load(f)
   assert arm["config"]["warmup_from"] == str(root / "bpr_warm")
   assert arm["config"]["method"]["name"] == "ibd" and set(arm["phases"]) == {"warmup", "distill"}
+
+
+def test_vmap_seeds_makes_one_run_per_seeded_arm(tmp_path):
+  """--vmap_seeds: an arm's seeds are one run (`--config.runs.seeds`), its folder named without
+  the seed, finished when every seed's sub-folder is."""
+  runs = sweep.plan(_module("kd"), str(tmp_path), ["rrd"], [0, 1, 2], vmap_seeds=True)
+  assert [r.name for r in runs] == ["teacher", "rrd"]
+  rrd = runs[1]
+  assert rrd.seeds == (0, 1, 2) and rrd.overrides["runs.seeds"] == "0,1,2"
+  assert "--config.runs.seeds=0,1,2" in sweep.command(rrd)
+  assert not sweep.finished(rrd)
+  for s in (0, 1, 2):
+    os.makedirs(tmp_path / "rrd" / f"s{s}")
+    with open(tmp_path / "rrd" / f"s{s}" / "results.json", "w") as f:
+      json.dump({"phases": {"warmup": {}, "distill": {}}}, f)
+  assert sweep.finished(rrd)
+  assert sorted(kd_table.load_runs(str(tmp_path))) == ["rrd_s0", "rrd_s1", "rrd_s2"]
