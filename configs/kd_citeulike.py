@@ -137,6 +137,18 @@ PUBLISHED = {
 }
 
 
+# LightGCN -> LightGCN (`,lightgcn`): the benchmark's CiteULike LightGCN configs
+# (configs/citeulike/lightgcn/*.yaml there): teacher d 2000, 3 layers, init 0.1, trained alone
+# with wd 1e-7; student d 20, 3 layers, wd 1e-3 alone; per method the settings that differ from
+# the MF ones and the student's weight decay.
+LIGHTGCN = {
+    "rrd": (dict(lambda_rrd=0.01, top_m=500, num_interesting=50, num_uninteresting=100,
+                 temperature=10.0), 1e-5),
+    "rce_kd": (dict(lambda_kd=500.0, tau=1.0, top_k=50, num_interesting=100,
+                    sample_temperature=10.0, top_m=200, beta=10.0), 1e-5),
+}
+
+
 def label(arm: str) -> str:
   """The arm's row label in the protocol's table."""
   if arm in LABELS:
@@ -162,7 +174,8 @@ def sweep_arms(quick: bool = False) -> list[dict]:
   `teacher_init` = the teacher's folder), plus the FTD diagnostic with patience 100 over at most
   300 epochs (`ftd_p100_s<seed>`). DE-RRD is capped at 80 epochs as its recorded row (CPU time;
   `--set de_rrd:distill.epochs=1000` runs the full schedule). HTD (over a minute per epoch on a
-  CPU) runs only when named: `--arms htd`."""
+  CPU), DE's patience-100 diagnostic, HetComp and the LightGCN -> LightGCN arms (`lgcn:...`) run
+  only when named, e.g. `--arms htd`."""
   q = ",quick" if quick else ""
   file = "configs/kd_citeulike.py"
   arms = [dict(id="teacher", config=f"{file}:teacher{q}", folder="teacher",
@@ -175,6 +188,22 @@ def sweep_arms(quick: bool = False) -> list[dict]:
   arms.append(dict(id="ftd_p100", config=f"{file}:ftd{q}", folder="ftd_p100_s{seed}", seeds=(0,),
                    set={"distill.patience": 100, **({} if quick else {"distill.epochs": 300})},
                    needs={"teacher_init": "teacher"}))
+  # DE's early-stopping diagnostic: patience 100 over at most 200 epochs (~40 s an epoch on a
+  # 2-core CPU: run when named, `--arms de_p100`).
+  arms.append(dict(id="de_p100", config=f"{file}:de{q}", folder="de_p100_s{seed}", seeds=(0,),
+                   set={"distill.patience": 100, **({} if quick else {"distill.epochs": 200})},
+                   needs={"teacher_init": "teacher"}, default=False))
+  # HetComp distils from the teacher's trajectory: the teacher workdir's kept checkpoints.
+  arms.append(dict(id="hetcomp", config=f"{file}:hetcomp{q}", folder="hetcomp_s{seed}",
+                   seeds=(0,), needs={"teacher_init": "teacher"}, default=False))
+  # The LightGCN -> LightGCN table (`,lightgcn`; a d = 2000 teacher: run when named,
+  # `--arms lgcn`).
+  arms.append(dict(id="lgcn:teacher", config=f"{file}:teacher,lightgcn{q}", folder="lgcn_teacher",
+                   fixed={"distill.epochs": 0}, default=False))
+  for name in ("none", "rrd", "rce_kd"):
+    arms.append(dict(id=f"lgcn:{name}", config=f"{file}:{name},lightgcn{q}",
+                     folder=f"lgcn_{name}" + "_s{seed}", seeds=(0,),
+                     needs={"teacher_init": "lgcn:teacher"}, default=False))
   return arms
 
 
@@ -191,12 +220,16 @@ def get_config(arg: str = ""):
   parts = [p for p in arg.split(",") if p]
   quick = "quick" in parts
   overrides = dict(p.split("=", 1) for p in parts if "=" in p)
-  names = [p for p in parts if p != "quick" and "=" not in p] or ["none"]
+  lightgcn = "lightgcn" in parts
+  names = [p for p in parts if p not in ("quick", "lightgcn") and "=" not in p] or ["none"]
   if len(names) != 1:
-    raise ValueError(f"config arg: one method of {METHODS}, optionally ',quick' and "
-                     f"',name=value' overrides; got {arg!r}")
+    raise ValueError(f"config arg: one method of {METHODS}, optionally ',lightgcn', ',quick' "
+                     f"and ',name=value' overrides; got {arg!r}")
   name = names[0]
   method, wd = method_config(name)
+  if lightgcn:  # the benchmark's LightGCN -> LightGCN settings where they differ
+    changes, wd = LIGHTGCN.get(name, ({}, wd))
+    method.update(changes)
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = default_data_config()
@@ -204,14 +237,20 @@ def get_config(arg: str = ""):
                      test_ratio=0.1, min_user_interactions=5))
   c.teacher = ml_collections.ConfigDict(dict(name="bpr_mf", dim=400, init_std=0.01))
   c.student = ml_collections.ConfigDict(dict(name="bpr_mf", dim=20, init_std=0.01))
+  if lightgcn:
+    c.teacher = ml_collections.ConfigDict(dict(name="lightgcn", dim=2000, num_layers=3,
+                                               init_std=0.1))
+    c.student = ml_collections.ConfigDict(dict(name="lightgcn", dim=20, num_layers=3,
+                                               init_std=0.1))
   c.batch_size = 2048
   c.num_devices = 0
   epochs = 3 if quick else 1000
   # The teacher's checkpoints at these epochs are kept: its training trajectory (HetComp).
   trajectory = (1, 2) if quick else (50, 100, 150)
+  teacher_wd = 1e-7 if lightgcn else 1e-3  # the LightGCN teacher's config: wd 1e-7
   c.warmup = ml_collections.ConfigDict(dict(
-      epochs=epochs, models=("teacher",), teacher=_opt(1e-3, 1e-3), student=_opt(1e-3, 1e-3),
-      patience=30, stop_metric="NDCG@10", keep_epochs=trajectory))
+      epochs=epochs, models=("teacher",), teacher=_opt(1e-3, teacher_wd),
+      student=_opt(1e-3, 1e-3), patience=30, stop_metric="NDCG@10", keep_epochs=trajectory))
   c.distill = ml_collections.ConfigDict(dict(
       epochs=0 if name == "teacher" else epochs, teacher=_opt(1e-3, 0.0),
       student=_opt(1e-3, wd), method=_opt(1e-3, wd), patience=30, stop_metric="NDCG@10"))
