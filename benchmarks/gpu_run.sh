@@ -16,6 +16,11 @@
 #           overrides; outputs in $OUT/ibd/cdae_s<seed>_<arm>/ for `benchmarks.kd_table`
 #   fast:   the BPR-MF rows with pre-drawn samples and histogram ranks; the step profile
 #   scale:  BD beyond the table budget on a synthetic 1,000,000 x 200,000 catalogue
+#   runs:   seeds as one vmapped program against one after another (benchmarks.bench_runs)
+#   kd_seeds: the RCE-KD protocol's default arms over 3 seeds, each arm one vmapped program
+#   lgcn:   the LightGCN -> LightGCN table (teacher d 2000; none, RRD, RCE-KD)
+#   kd_new: the rows rerun with the authors' defaults and added (RD, DCD, CD teacher-guided,
+#           UnKD, RCE-KD, HetComp), DE's patience-100 diagnostic and HTD
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -72,6 +77,18 @@ for what in "$@"; do
     scale) python3 -m benchmarks.bench_scale --users 1000000 --items 200000 --pairs_per_user 20 \
              --batch 8192 --rank_buckets 8192 --epochs 2 --refreshes 2 --table_budget_mb 16000 \
              --out "$OUT/scale_1m_200k_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -24 ;;
+    runs) python3 -m benchmarks.bench_runs --method "${RUNS_METHOD:-rrd}" --epochs 5 --runs 1,3,5 \
+             --out "$OUT/runs_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -40 ;;
+    kd_seeds|lgcn|kd_new) wd=/tmp/kd_gpu; mkdir -p "$OUT/$what"
+          case "$what" in
+            kd_seeds) sel=""; extra="--vmap_seeds --seeds 0,1,2" ;;  # every default arm, 3 seeds
+            lgcn) sel="--arms lgcn"; extra="" ;;
+            kd_new) sel="--arms rd,dcd,cd_teacher,unkd,rce_kd,hetcomp,de_p100,htd"; extra="" ;;
+          esac
+          python3 -m launch.sweep --config configs/kd_citeulike.py $sel $extra --root "$wd" 2>&1 \
+            | tee "$OUT/$what/sweep.log" | tail -30
+          (cd "$wd" && find . -name results.json -o -name metrics.jsonl -o -name config.json \
+             -o -name teacher.json | tar cf "$OUT/$what/runs.tar" -T -) ;;
     *) echo "unknown section $what" >&2; exit 2 ;;
   esac
 done
