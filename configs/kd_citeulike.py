@@ -198,12 +198,12 @@ def sweep_arms(quick: bool = False) -> list[dict]:
                    seeds=(0,), needs={"teacher_init": "teacher"}, default=False))
   # The LightGCN -> LightGCN table (`,lightgcn`; a d = 2000 teacher: run when named,
   # `--arms lgcn`).
-  arms.append(dict(id="lgcn:teacher", config=f"{file}:teacher,lightgcn{q}", folder="lgcn_teacher",
-                   fixed={"distill.epochs": 0}, default=False))
+  arms.append(dict(id="lgcn:lgcn_teacher", config=f"{file}:teacher,lightgcn{q}",
+                   folder="lgcn_teacher", fixed={"distill.epochs": 0}, default=False))
   for name in ("none", "rrd", "rce_kd"):
-    arms.append(dict(id=f"lgcn:{name}", config=f"{file}:{name},lightgcn{q}",
+    arms.append(dict(id=f"lgcn:lgcn_{name}", config=f"{file}:{name},lightgcn{q}",
                      folder=f"lgcn_{name}" + "_s{seed}", seeds=(0,),
-                     needs={"teacher_init": "lgcn:teacher"}, default=False))
+                     needs={"teacher_init": "lgcn:lgcn_teacher"}, default=False))
   return arms
 
 
