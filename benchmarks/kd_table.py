@@ -86,7 +86,8 @@ def training_seconds(root: str, name: str, phase: str):
   however many calls a resumed run took (the per-epoch lines' seconds_per_epoch times the
   epochs since the previous kept line; evaluation and refresh included, compilation not), or
   None without per-epoch lines."""
-  folder = run_folders(root).get(name, os.path.join(root, name))
+  folders = run_folders(root) if root and os.path.isdir(root) else {}
+  folder = folders.get(name, os.path.join(root, name))
   path = os.path.join(folder, "metrics.jsonl")
   if not os.path.exists(path):
     return None
