@@ -18,10 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
+import time
+
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kdrec_jax import schedule
+from kdrec_jax.progress import duration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,91 +335,80 @@ class RunsWriter:
       w.write(**record)
 
 
-def make_phase_run(program: RunsProgram, pcfg, ckpt, writers, budget, phase_keys, evaluated):
-  """The loop of a phase of N runs (`schedule.PhaseRun` with a run axis)."""
-  from kdrec_jax import schedule
-  from kdrec_jax.progress import duration
-  from absl import logging
-  import time
+class RunsPhaseRun(schedule.PhaseRun):
+  """The loop of a phase of N runs (`schedule.PhaseRun` with a run axis); `run` returns the
+  runs' final evaluations (a list), or None when the epoch budget ran out."""
 
-  class RunsPhaseRun(schedule.PhaseRun):
-    """Returns the runs' final evaluations (a list), or None when the epoch budget ran out."""
+  def __init__(self, program: RunsProgram, pcfg, ckpt, writers, budget, phase_keys, evaluated):
+    super().__init__(program, pcfg, ckpt, RunsWriter(writers), budget, phase_keys, evaluated)
+    self.early = RunsEarlyStop(self.early, program.num_runs)
+    self.n = program.num_runs
 
-    def __init__(self):
-      super().__init__(program, pcfg, ckpt, RunsWriter(writers), budget, phase_keys, evaluated)
-      self.early = RunsEarlyStop(self.early, program.num_runs)
+  key_of = staticmethod(_vmap_fold_in)
 
-    key_of = staticmethod(_vmap_fold_in)
+  def _evaluate(self, state, r, params=None, **kw):
+    params = self.program.params_of(state, r) if params is None else params
+    return self.exp.evaluate(params, key=jax.random.fold_in(self.program.keys[r], 7), **kw)
 
-    def eval_key(self, r: int):
-      return jax.random.fold_in(program.keys[r], 7)
+  def _untrained(self, state):
+    out = [dict(self._evaluate(state, r, models=self.evaluated, bias=True), seconds=0.0,
+                epochs=0) for r in range(self.n)]
+    self.writer.each([dict(phase=self.phase.name, epoch=0, final=True, eval=o) for o in out])
+    return out
 
-    def _evaluate(self, state, r, params=None, **kw):
-      params = program.params_of(state, r) if params is None else params
-      return self.exp.evaluate(params, key=self.eval_key(r), **kw)
-
-    def _untrained(self, state):
-      out = [dict(self._evaluate(state, r, models=self.evaluated, bias=True), seconds=0.0,
-                  epochs=0) for r in range(program.num_runs)]
-      self.writer.each([dict(phase=self.phase.name, epoch=0, final=True, eval=o) for o in out])
-      return out
-
-    def _log(self, epoch, metrics, clock, progress):
-      if not (epoch % self.config.log_every == 0 or epoch == self.pcfg.epochs):
-        progress.update(epoch)
-        return
-      metrics = jax.device_get(metrics)
-      dt = (time.time() - clock["t"]) / (epoch - clock["epoch"])
-      clock.update(t=time.time(), epoch=epoch)
-      records = []
-      for r in range(program.num_runs):
-        n = float(metrics["examples"][r])
-        losses = {k: float(v[r]) / n for k, v in metrics.items() if k != "examples"}
-        if not all(np.isfinite(v) for v in losses.values()):
-          raise FloatingPointError(
-              f"[{self.phase.name}] run {r}, epoch {epoch}: non-finite loss {losses}; the last "
-              f"good checkpoint is epoch {self.ckpt.latest_epoch()} in {self.ckpt.directory}")
-        records.append(dict(phase=self.phase.name, epoch=epoch, seconds_per_epoch=dt,
-                            examples_per_s=n * program.num_runs / dt, **losses))
-      self.writer.each(records)
-      progress.clear()
-      logging.info("[%s] epoch %d/%d  %d runs  %.2f s/epoch  ~%s left", self.phase.name, epoch,
-                   self.pcfg.epochs, program.num_runs, dt,
-                   duration(dt * (self.pcfg.epochs - epoch)))
-      progress.update(epoch, f"{program.num_runs} runs")
-
-    def _validate(self, state, epoch, best, progress):
-      models = tuple(m for m in ("teacher", "student") if m in self.phase.train)
-      vals = [self._evaluate(state, r, splits=("val",), models=models)
-              for r in range(program.num_runs)]
-      if self.early.on:
-        values = [v[self.early.model]["val"][self.early.metric] for v in vals]
-        best = self.early.update(best, values, state, self.phase, epoch)
-      self.writer.each([dict(phase=self.phase.name, epoch=epoch, eval=v) for v in vals])
+  def _log(self, epoch, metrics, clock, progress):
+    if not (epoch % self.config.log_every == 0 or epoch == self.pcfg.epochs):
       progress.update(epoch)
-      return best
+      return
+    metrics = jax.device_get(metrics)
+    dt = (time.time() - clock["t"]) / (epoch - clock["epoch"])
+    clock.update(t=time.time(), epoch=epoch)
+    records = []
+    for r in range(self.n):
+      n = float(metrics["examples"][r])
+      losses = {k: float(v[r]) / n for k, v in metrics.items() if k != "examples"}
+      if not all(np.isfinite(v) for v in losses.values()):
+        raise FloatingPointError(
+            f"[{self.phase.name}] run {r}, epoch {epoch}: non-finite loss {losses}; the last "
+            f"good checkpoint is epoch {self.ckpt.latest_epoch()} in {self.ckpt.directory}")
+      records.append(dict(phase=self.phase.name, epoch=epoch, seconds_per_epoch=dt,
+                          examples_per_s=n * self.n / dt, **losses))
+    self.writer.each(records)
+    progress.clear()
+    logging.info("[%s] epoch %d/%d  %d runs  %.2f s/epoch  ~%s left", self.phase.name, epoch,
+                 self.pcfg.epochs, self.n, dt, duration(dt * (self.pcfg.epochs - epoch)))
+    progress.update(epoch, f"{self.n} runs")
 
-    def _finish(self, state, epoch, best, t_phase):
-      out = []
-      for r in range(program.num_runs):
-        params = program.params_of(state, r)
-        extra = {"epochs": epoch}
-        if self.early.on:
-          params = dict(params, **{x: take(best["params"][x], 0, r) for x in self.phase.train})
-          stopped = int(best["stopped_at"][r])
-          extra.update(best_epoch=int(best["epoch"][r]), stopped_early=stopped > 0,
-                       stop_metric=f"{self.early.model} val {self.early.metric}",
-                       epochs=stopped or epoch)
-        evals = self._evaluate(state, r, params=params, models=self.evaluated, bias=True)
-        if {"teacher", "student"} <= set(self.evaluated):
-          evals.update(self.exp.report(params))
-        out.append(dict(evals, **extra, seconds=time.time() - t_phase))
-      self.writer.each([dict(phase=self.phase.name, epoch=o["epochs"], final=True, eval=o)
-                        for o in out])
-      logging.info("[%s] %d runs done after %d epochs", self.phase.name, program.num_runs, epoch)
-      return out
+  def _validate(self, state, epoch, best, progress):
+    models = tuple(m for m in ("teacher", "student") if m in self.phase.train)
+    vals = [self._evaluate(state, r, splits=("val",), models=models) for r in range(self.n)]
+    if self.early.on:
+      values = [v[self.early.model]["val"][self.early.metric] for v in vals]
+      best = self.early.update(best, values, state, self.phase, epoch)
+    self.writer.each([dict(phase=self.phase.name, epoch=epoch, eval=v) for v in vals])
+    progress.update(epoch)
+    return best
 
-  return RunsPhaseRun()
+  def _final(self, state, r, epoch, best, t_phase) -> dict:
+    params = self.program.params_of(state, r)
+    extra = {"epochs": epoch}
+    if self.early.on:
+      params = dict(params, **{x: take(best["params"][x], 0, r) for x in self.phase.train})
+      stopped = int(best["stopped_at"][r])
+      extra.update(best_epoch=int(best["epoch"][r]), stopped_early=stopped > 0,
+                   stop_metric=f"{self.early.model} val {self.early.metric}",
+                   epochs=stopped or epoch)
+    evals = self._evaluate(state, r, params=params, models=self.evaluated, bias=True)
+    if {"teacher", "student"} <= set(self.evaluated):
+      evals.update(self.exp.report(params))
+    return dict(evals, **extra, seconds=time.time() - t_phase)
+
+  def _finish(self, state, epoch, best, t_phase):
+    out = [self._final(state, r, epoch, best, t_phase) for r in range(self.n)]
+    self.writer.each([dict(phase=self.phase.name, epoch=o["epochs"], final=True, eval=o)
+                      for o in out])
+    logging.info("[%s] %d runs done after %d epochs", self.phase.name, self.n, epoch)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +448,6 @@ def per_run_bytes(exp, program) -> int:
 def train_and_evaluate_runs(config, workdir: str) -> dict:
   """The runs `config.runs` asks for, in `workdir` (module docstring); returns {run name:
   results}. Resumable as a single run: the groups' checkpoints hold the stacked state."""
-  import os
   from kdrec_jax import train as ktrain
   from kdrec_jax import workdir as wd
   from kdrec_jax.experiment import Experiment
@@ -471,18 +466,10 @@ def train_and_evaluate_runs(config, workdir: str) -> dict:
   return out
 
 
-def _train_group(config, workdir: str, root: str, group: list[Run]) -> dict:
-  """One group's runs as one program: the schedule of `train._run` with a run axis."""
-  import os
-  import time
-  from absl import logging
-  from kdrec_jax.methods.bd import available_mb as bd_available_mb
+def _records(config, workdir: str, exp, group: list[Run]):
+  """Each run's folder (its config recorded and checked), results record and metrics writer."""
   from kdrec_jax import train as ktrain
   from kdrec_jax import workdir as wd
-  from kdrec_jax.experiment import Experiment
-  from kdrec_jax.schedule import build_phase, phases_for, warmup_models
-  base = run_config(config, group[0])
-  exp = Experiment(base)
   dirs = {r.name: os.path.join(workdir, r.name) for r in group}
   results = {}
   for r in group:
@@ -490,46 +477,65 @@ def _train_group(config, workdir: str, root: str, group: list[Run]) -> dict:
     wd.check_config(dirs[r.name], run_config(config, r), exp.data)
     results[r.name] = ktrain._open_results(exp, dirs[r.name], [])
     results[r.name]["config"] = run_config(config, r).to_dict()
-  writers = [wd.MetricWriter(dirs[r.name]) for r in group]
-  keys = keys_for([r.seed for r in group])
-  hparams = _hparams(exp.method, group)
+  return dirs, results, [wd.MetricWriter(dirs[r.name]) for r in group]
+
+
+def _starts(exp, root: str, phase, loaded: dict) -> dict:
+  """{model: params} the runs start a phase from (`train._phase_starts`, stacked where the
+  warm-up was the runs')."""
+  from kdrec_jax import workdir as wd
+  starts = {m: p for m, (p, _) in loaded.items()}
+  if phase.name != "warmup" and not exp.config.get("warmup_from"):
+    trained = schedule.warmup_models(exp.config, exp.method)
+    if trained:
+      params = wd.phase_result_params(root, "warmup")
+      starts.update({m: params[m] for m in trained})
+  return starts
+
+
+def _record_teachers(program, state, group, dirs, results, sources, frozen, root, loaded):
+  from kdrec_jax import workdir as wd
+  sources = dict(sources, teacher=loaded.get("teacher", (None, f"{root} (warm-up)"))[1])
+  for i, r in enumerate(group):
+    teacher = program.params_of(state, i)["teacher"]
+    results[r.name]["teacher"] = wd.check_teachers(dirs[r.name], sources,
+                                                   {"teacher": teacher, **frozen})
+
+
+def _train_group(config, workdir: str, root: str, group: list[Run]) -> dict:
+  """One group's runs as one program: the schedule of `train._run` with a run axis."""
+  from kdrec_jax import train as ktrain
+  from kdrec_jax import workdir as wd
+  from kdrec_jax.experiment import Experiment
+  from kdrec_jax.methods.bd import available_mb
+  exp = Experiment(run_config(config, group[0]))
+  dirs, results, writers = _records(config, workdir, exp, group)
+  keys, hparams = keys_for([r.seed for r in group]), _hparams(exp.method, group)
   loaded = ktrain._loaded_models(exp, root, results[group[0].name])
-  shared = set(loaded)
-  if ktrain.trajectory_names(base) and not ktrain.teacher_init(base):
+  if ktrain.trajectory_names(exp.config) and not ktrain.teacher_init(exp.config):
     raise ValueError("runs: trajectory checkpoints of a teacher trained in this workdir are not "
                      "supported with several runs; train the teacher first (teacher_init)")
   budget = [config.get("max_epochs_per_run", 0) or None]
   logging.info("%s; %d runs as one program: %s", exp.data, len(group),
                ", ".join(r.name for r in group))
   t_call = time.time()
-  for phase_index, (phase, pcfg) in enumerate(phases_for(base, exp.method)):
+  for phase_index, (phase, pcfg) in enumerate(schedule.phases_for(exp.config, exp.method)):
     if all(phase.name in results[r.name]["phases"] for r in group):
       continue
-    starts = {m: p for m, (p, _) in loaded.items()}
-    if phase.name != "warmup" and not base.get("warmup_from"):
-      trained = warmup_models(base, exp.method)
-      if trained:
-        params = wd.phase_result_params(root, "warmup")
-        starts.update({m: params[m] for m in trained})
-    program = RunsProgram(build_phase(exp, phase), keys, hparams, shared)
-    check_fits(per_run_bytes(exp, program), program.num_runs, bd_available_mb(),
+    program = RunsProgram(schedule.build_phase(exp, phase), keys, hparams, set(loaded))
+    check_fits(per_run_bytes(exp, program), program.num_runs, available_mb(),
                float((config.get("runs", {}) or {}).get("budget_mb", 8192)))
     frozen, sources = ktrain._frozen_extras(exp, root) if phase.distill else ({}, {})
+    starts = _starts(exp, root, phase, loaded)
     state = program.initial_state(starts, frozen)
     if phase.name != "warmup" and "teacher" not in phase.train:
-      sources = dict(sources, teacher=loaded.get("teacher", (None, f"{root} (warm-up)"))[1])
-      for i, r in enumerate(group):
-        teacher = program.params_of(state, i)["teacher"]
-        results[r.name]["teacher"] = wd.check_teachers(dirs[r.name], sources,
-                                                       {"teacher": teacher, **frozen})
-    ckpt = wd.phase_checkpoints(root, phase.name, max_to_keep=base.checkpoint_keep,
+      _record_teachers(program, state, group, dirs, results, sources, frozen, root, loaded)
+    ckpt = wd.phase_checkpoints(root, phase.name, max_to_keep=exp.config.checkpoint_keep,
                                 keep_epochs=pcfg.get("keep_epochs", ()) or ())
     evaluated = tuple(m for m in ("teacher", "student") if m in phase.train or m in starts)
-    phase_keys = _vmap_fold_in(keys, phase_index)
-    finished = make_phase_run(program, pcfg, ckpt, writers, budget, phase_keys,
-                              evaluated).run(state)
-    seconds = time.time() - t_call
-    t_call = time.time()
+    finished = RunsPhaseRun(program, pcfg, ckpt, writers, budget,
+                            _vmap_fold_in(keys, phase_index), evaluated).run(state)
+    seconds, t_call = time.time() - t_call, time.time()
     for i, r in enumerate(group):
       if finished:
         results[r.name]["phases"][phase.name] = finished[i]
