@@ -265,7 +265,8 @@ def fast_full_ranks(scores: jax.Array, users: jax.Array, splits: Sequence[dict],
       for jj, other in enumerate(splits):
         if jj == j or other["share"] == j:
           need = need | (per_split[jj][3] <= k)
-      lists.append(_top_k_rows(s, sp["flat"], k, need, max(1, min(c, 32))))
+      group = max(1, min(c, 32)) if jax.default_backend() == "cpu" else c
+      lists.append(_top_k_rows(s, sp["flat"], k, need, group))
     out = []
     for (held_items, valid, hs, best_rank), (top_ids, top_vals) in zip(per_split, lists):
       # Rank within the top-k list: 1 + the listed candidates ordered before the item.
@@ -603,8 +604,8 @@ class Evaluator:
     return np.asarray(items), np.asarray(valid)
 
 
-# Rows per chunk on the fast full-ranking path: a chunk's scores then stay in the CPU's caches
-# across its passes (mask, top-k, counts); `chunk_size` stays an upper bound.
+# Rows per chunk on CPU: a chunk's scores then stay in the CPU's caches across its passes
+# (counts, the top-k of the rows that need it); `chunk_size` stays an upper bound.
 FAST_CHUNK = 256
 
 
@@ -627,7 +628,10 @@ class JointEvaluator:
       raise ValueError(f"splits must differ, got {self.splits}")
     self.users = np.unique(np.concatenate([e.users for e in evaluators])).astype(np.int32)
     n = len(self.users)
-    chunk = max(1, min(min(e.chunk_size for e in evaluators), FAST_CHUNK, n))
+    chunk = min(e.chunk_size for e in evaluators)
+    if jax.default_backend() == "cpu":
+      chunk = min(chunk, FAST_CHUNK)
+    chunk = max(1, min(chunk, n))
     if first.protocol == "full":
       chunk = max(1, min(chunk, (2**31 - 1) // first.data.num_items))
     self.chunk_size = chunk
