@@ -418,6 +418,7 @@ class Experiment:
 
   def evaluate(self, state, splits=("val", "test"), models=MODELS, bias: bool = False) -> dict:
     """{model: {split: metrics}}; `bias` adds the per-popularity-group metrics (phase ends)."""
+    from kdrec_jax import metrics as kmetrics  # as in __init__
     key = jax.random.fold_in(self.key, 7)  # the sampled protocol's negatives: fixed per run
     evaluators = {s: self.evaluators[s] for s in splits}  # scored once for all splits
     return {m: kmetrics.evaluate_splits(evaluators, self.models[m].score_all,
