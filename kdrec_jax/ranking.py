@@ -47,7 +47,7 @@ def _on_cpu() -> bool:
 
 def _halves(fn, *arrays):
   """`fn(*arrays)` row-wise, on CPU as two independent halves so that XLA's runtime can run the
-  two (single-threaded) sort / top-k calls on two cores at once."""
+  two (single-threaded) sorts on two cores at once."""
   rows = arrays[0].shape[0]
   if not _on_cpu() or rows < 16:
     return fn(*arrays)
@@ -59,7 +59,7 @@ def _halves(fn, *arrays):
 
 def _top_k_lax(key: jax.Array, k: int) -> jax.Array:
   if _on_cpu():
-    return _halves(lambda x: jax.lax.top_k(key_floats(x), k)[1], key).astype(jnp.int32)
+    return jax.lax.top_k(key_floats(key), k)[1].astype(jnp.int32)
   return jax.lax.top_k(key, k)[1].astype(jnp.int32)
 
 
@@ -205,7 +205,7 @@ def top_k_keys(key: jax.Array, k: int, method: str = "auto") -> jax.Array:
   """Column ids of each row's `k` largest int32 order keys [C, N], best first, ties by lower id:
   int32 [C, k], exactly `numpy.argsort(-key, kind='stable')[:, :k]`.
 
-  method: 'lax': `lax.top_k` (on CPU on `key_floats`, two halves of the rows in parallel);
+  method: 'lax': `lax.top_k` (on CPU on `key_floats`);
   'threshold': a counting threshold pass, compaction and a sort of about k items (`_top_k_
   threshold`; CPU, large k); 'auto': 'threshold' on CPU for 256 <= k <= N / 4 (~3-5x faster than
   XLA's CPU top-k there, benchmarks/REPORT.md), else 'lax' (accelerators sort).
