@@ -26,7 +26,7 @@ are only comparable on an idle machine):
   (`top_k_keys(method='threshold')`) and the full packed-key sort; and for the evaluation the
   rank-by-counting pass (one count per held-out slot: its cost per slot).
 """
-import json
+import functools
 import os
 import statistics
 import time
@@ -236,13 +236,14 @@ def candidate_rows(table, data, params_s, repeats):
     g = jnp.take_along_axis(kp, cols, axis=-1)
     return jnp.take_along_axis(cols, ranking._top_k_lax(g, k), axis=-1)
 
-  cands = {
-      "lax.top_k on floats (previous)": lambda k: jax.lax.top_k(masked, k)[1],
-      "lax.top_k on int32 keys": lambda k: jax.lax.top_k(key, k)[1],
-      "top_k_keys 'lax' (lax.top_k on key floats)": lambda k: ranking.top_k_keys(key, k, "lax"),
-      "blocked top-k (32-item blocks)": lambda k: blocked(key, k),
-      "threshold pass": lambda k: ranking.top_k_keys(key, k, "threshold"),
-      "full packed-key sort": lambda k: ranking.descending_order(masked)[:, :k],
+  cands = {  # fn(masked scores, keys, k)
+      "lax.top_k on floats (previous)": lambda m, key, k: jax.lax.top_k(m, k)[1],
+      "lax.top_k on int32 keys": lambda m, key, k: jax.lax.top_k(key, k)[1],
+      "top_k_keys 'lax' (lax.top_k on key floats)": lambda m, key, k: ranking.top_k_keys(
+          key, k, "lax"),
+      "blocked top-k (32-item blocks)": lambda m, key, k: blocked(key, k),
+      "threshold pass": lambda m, key, k: ranking.top_k_keys(key, k, "threshold"),
+      "full packed-key sort": lambda m, key, k: ranking.descending_order(m)[:, :k],
   }
   for k in (20, 100, 500, 1000, 3000):
     want = np.asarray(jax.lax.top_k(masked, k)[1])
@@ -253,18 +254,22 @@ def candidate_rows(table, data, params_s, repeats):
         continue  # more blocks than items
       if name == "threshold pass" and k < 256:
         continue
-      f = jax.jit(lambda fn=fn, k=k: fn(k))
+      f = jax.jit(functools.partial(fn, k=k))
       with ranking.x64():
-        same = np.array_equal(np.asarray(f()), want)
-        wall, cpu = _time(f, repeats)
+        same = np.array_equal(np.asarray(f(masked, key)), want)
+        wall, cpu = _time(lambda: f(masked, key), repeats)
       table.add(f"top-k k={k}", name, (wall * scale, cpu * scale), f"identical: {same}")
   # Rank by counting: one pass per held-out slot (here one slot per user).
   held = jnp.argmax(scores, axis=-1)
-  hk = jnp.take_along_axis(key, held[:, None], axis=-1)
   ids = jnp.arange(n)
-  count = jax.jit(lambda: jnp.sum(jnp.where(
-      (key > hk) | ((key == hk) & (ids < held[:, None])), 1.0, 0.0), axis=-1))
-  wall, cpu = _time(count, repeats)
+
+  @jax.jit
+  def count(key, held):
+    hk = jnp.take_along_axis(key, held[:, None], axis=-1)
+    return jnp.sum(jnp.where((key > hk) | ((key == hk) & (ids < held[:, None])), 1.0, 0.0),
+                   axis=-1)
+
+  wall, cpu = _time(lambda: count(key, held), repeats)
   table.add("eval", "rank by counting: one count pass (per held-out slot)",
             (wall * scale, cpu * scale), "x slots per user (up to 20 needed at k = 20)")
 

@@ -127,12 +127,15 @@ def _threshold_keys(key: jax.Array, k: int, cap: int, max_iter: int, pieces: int
   """Per row a threshold key t with k <= #{key >= t} <= cap, and whether one was found.
 
   The search runs on the scores (`key_floats`), the counts on the int32 keys (one pass each;
-  converting inside the passes is several times slower on XLA's CPU). The first guess is a
-  normal quantile from the mean and standard deviation of the finite scores in `pieces`
-  contiguous runs of `width` columns spread over the row (strided samples are slow), then
-  regula falsi on the exact counts (every third step a bisection); the bracket starts at the
-  sample's range with estimated counts, so only exact counts ever decide. Rows that need more
-  than `max_iter` steps (e.g. more than cap - k ties at the k-th value) are not `done`.
+  converting inside the passes is several times slower on XLA's CPU). Guesses come from a
+  sample (`pieces` contiguous runs of `width` columns spread over the row; strided samples are
+  slow): its best scores in order, the j-th standing for about (j + 1) n / m items. The first
+  guess is the sample score whose rank aims at the middle of [k, cap]; the second moves along
+  the sample's ranks by the first count's miss; then secant steps through the last two exact
+  counts; a guess outside the bracket of exact counts is replaced by regula falsi inside it
+  (every third step a bisection). Only exact counts decide. Rows that need more than `max_iter`
+  steps (e.g. more than cap - k ties at the k-th value, or fewer than k finite values) are not
+  `done`.
   """
   f32 = jnp.float32
   n = key.shape[-1]
@@ -141,18 +144,21 @@ def _threshold_keys(key: jax.Array, k: int, cap: int, max_iter: int, pieces: int
                               for i in range(pieces)], axis=-1)
   else:
     sample = key
-  sample = key_floats(sample)
-  fin = jnp.isfinite(sample)
-  ns = jnp.maximum(jnp.sum(fin, axis=-1, dtype=f32), 1.0)
-  mean = jnp.sum(jnp.where(fin, sample, f32(0)), axis=-1) / ns
-  var = jnp.sum(jnp.where(fin, jnp.square(sample - mean[:, None]), f32(0)), axis=-1) / ns
-  lo = jnp.min(jnp.where(fin, sample, f32(jnp.inf)), axis=-1)
-  hi = jnp.nextafter(jnp.max(jnp.where(fin, sample, f32(-jnp.inf)), axis=-1), f32(jnp.inf))
-  c_lo = ns * (n / sample.shape[-1])  # estimates: only exact counts decide
+  m = sample.shape[-1]
+  target = k + (cap - k) // 2
+  scale = n / m
+  guess = min(m - 1, max(0, round(target / scale) - 1))
+  length = min(m, guess + 4 * (3 + int(3 * (guess + 1) ** 0.5)) + 1)
+  # key_floats of a key is its score (NaN patterns for NaN and excluded keys): the sample's
+  # best scores, in order.
+  top = jax.lax.top_k(key_floats(sample), length)[0]
+  values = key_floats(sample)
+  fin = jnp.isfinite(values)
+  lo = jnp.min(jnp.where(fin, values, f32(jnp.inf)), axis=-1)
+  hi = jnp.nextafter(jnp.max(jnp.where(fin, values, f32(-jnp.inf)), axis=-1), f32(jnp.inf))
+  c_lo = jnp.sum(fin, axis=-1, dtype=f32) * f32(scale)  # estimates: only exact counts decide
   c_hi = jnp.zeros_like(c_lo)
-  target = f32(k + (cap - k) // 2)
-  p = jnp.clip(target / c_lo, f32(1e-6), f32(1 - 1e-6))
-  t = jnp.clip(mean + jnp.sqrt(var) * jax.scipy.special.ndtri(1 - p), lo, hi).astype(f32)
+  target = f32(target)
 
   def count(t):
     return jnp.sum(jnp.where(key >= order_key(t)[:, None], f32(1), f32(0)), axis=-1)
@@ -165,18 +171,29 @@ def _threshold_keys(key: jax.Array, k: int, cap: int, max_iter: int, pieces: int
     return (i < max_iter) & ~jnp.all(done_of(cnt))
 
   def body(state):
-    i, t, cnt, lo, c_lo, hi, c_hi = state
+    i, t, cnt, t_prev, c_prev, lo, c_lo, hi, c_hi = state
     done = done_of(cnt)
     many = ~done & (cnt > cap)
     few = ~done & (cnt < k)
     lo, c_lo = jnp.where(many, t, lo), jnp.where(many, cnt, c_lo)
     hi, c_hi = jnp.where(few, t, hi), jnp.where(few, cnt, c_hi)
+    # First along the sample's ranks by the miss, then secant steps ...
+    r = guess + jnp.round((target - cnt) / f32(scale)).astype(jnp.int32)
+    t_sample = jnp.take_along_axis(top, jnp.clip(r, 0, length - 1)[:, None], axis=-1)[:, 0]
+    t_secant = t + (target - cnt) * (t - t_prev) / jnp.where(cnt == c_prev, f32(1), cnt - c_prev)
+    t_new = jnp.where(i == 0, jnp.where((r >= 0) & (r < length), t_sample, f32(jnp.nan)),
+                      jnp.where(cnt == c_prev, f32(jnp.nan), t_secant))
+    # ... else regula falsi inside the bracket.
     frac = (c_lo - target) / jnp.maximum(c_lo - c_hi, f32(1))
     frac = jnp.where(i % 3 == 2, f32(0.5), jnp.clip(frac, f32(0.02), f32(0.98)))
-    t = jnp.where(done, t, lo + (hi - lo) * frac)
-    return i + 1, t, jnp.where(done, cnt, count(t)), lo, c_lo, hi, c_hi
+    inside = (t_new > lo) & (t_new < hi)  # False for NaN
+    t_new = jnp.where(inside, t_new, lo + (hi - lo) * frac)
+    t_next = jnp.where(done, t, t_new)
+    return (i + 1, t_next, jnp.where(done, cnt, count(t_next)), t, cnt, lo, c_lo, hi, c_hi)
 
-  state = (jnp.int32(0), t, count(t), lo, c_lo, hi, c_hi)
+  t0 = top[:, guess]
+  c0 = count(t0)
+  state = (jnp.int32(0), t0, c0, t0, c0, lo, c_lo, hi, c_hi)
   _, t, cnt, *_ = jax.lax.while_loop(cond, body, state)
   return order_key(t), done_of(cnt)
 
