@@ -123,19 +123,19 @@ def compact_rows(mask: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _threshold_keys(key: jax.Array, k: int, cap: int, max_iter: int, pieces: int = 8,
-                    width: int = 256) -> tuple[jax.Array, jax.Array]:
+                    width: int = 64) -> tuple[jax.Array, jax.Array]:
   """Per row a threshold key t with k <= #{key >= t} <= cap, and whether one was found.
 
   The search runs on the scores (`key_floats`), the counts on the int32 keys (one pass each;
-  converting inside the passes is several times slower on XLA's CPU). Guesses come from a
-  sample (`pieces` contiguous runs of `width` columns spread over the row; strided samples are
-  slow): its best scores in order, the j-th standing for about (j + 1) n / m items. The first
-  guess is the sample score whose rank aims at the middle of [k, cap]; the second moves along
-  the sample's ranks by the first count's miss; then secant steps through the last two exact
-  counts; a guess outside the bracket of exact counts is replaced by regula falsi inside it
-  (every third step a bisection). Only exact counts decide. Rows that need more than `max_iter`
-  steps (e.g. more than cap - k ties at the k-th value, or fewer than k finite values) are not
-  `done`.
+  converting inside the passes is several times slower on XLA's CPU). The first guess is an
+  order statistic of a sample (`pieces` contiguous runs of `width` columns spread over the row;
+  strided samples are slow), sorted: its j-th best score stands for about (j + 1) n / m items,
+  and the guess aims at the middle of [k, cap]; the second moves along the sample's ranks by
+  the first count's miss. Then secant steps through the last two exact counts, aimed 3/4
+  across the window (so that the steps cross it rather than creep towards it), and once exact
+  counts bracket it, regula falsi inside the bracket whenever a secant step leaves it, and
+  every third step. Only exact counts decide. Rows that need more than `max_iter` steps (e.g. more
+  than cap - k ties at the k-th value, or fewer than k finite values) are not `done`.
   """
   f32 = jnp.float32
   n = key.shape[-1]
@@ -148,16 +148,13 @@ def _threshold_keys(key: jax.Array, k: int, cap: int, max_iter: int, pieces: int
   target = k + (cap - k) // 2
   scale = n / m
   guess = min(m - 1, max(0, round(target / scale) - 1))
-  length = min(m, guess + 4 * (3 + int(3 * (guess + 1) ** 0.5)) + 1)
   # key_floats of a key is its score (NaN patterns for NaN and excluded keys): the sample's
-  # best scores, in order.
-  top = jax.lax.top_k(key_floats(sample), length)[0]
-  values = key_floats(sample)
-  fin = jnp.isfinite(values)
-  lo = jnp.min(jnp.where(fin, values, f32(jnp.inf)), axis=-1)
-  hi = jnp.nextafter(jnp.max(jnp.where(fin, values, f32(-jnp.inf)), axis=-1), f32(jnp.inf))
-  c_lo = jnp.sum(fin, axis=-1, dtype=f32) * f32(scale)  # estimates: only exact counts decide
-  c_hi = jnp.zeros_like(c_lo)
+  # scores, best first (a sort of a few hundred int32 keys per row: cheap).
+  top = key_floats(jnp.sort(sample, axis=-1)[:, ::-1])
+  fin = jnp.isfinite(top)
+  spread = (jnp.max(jnp.where(fin, top, -jnp.inf), axis=-1)
+            - jnp.min(jnp.where(fin, top, jnp.inf), axis=-1))
+  step0 = jnp.where(jnp.isfinite(spread) & (spread > 0), spread, f32(1)) / f32(8)
   target = f32(target)
 
   def count(t):
@@ -173,27 +170,37 @@ def _threshold_keys(key: jax.Array, k: int, cap: int, max_iter: int, pieces: int
   def body(state):
     i, t, cnt, t_prev, c_prev, lo, c_lo, hi, c_hi = state
     done = done_of(cnt)
-    many = ~done & (cnt > cap)
-    few = ~done & (cnt < k)
-    lo, c_lo = jnp.where(many, t, lo), jnp.where(many, cnt, c_lo)
-    hi, c_hi = jnp.where(few, t, hi), jnp.where(few, cnt, c_hi)
-    # First along the sample's ranks by the miss, then secant steps ...
+    many, few = ~done & (cnt > cap), ~done & (cnt < k)
+    # The bracket of exact counts: lo the highest t with too many, hi the lowest with too few
+    # (NaN while unknown).
+    new_lo = many & ~(t <= lo)
+    lo, c_lo = jnp.where(new_lo, t, lo), jnp.where(new_lo, cnt, c_lo)
+    new_hi = few & ~(t >= hi)
+    hi, c_hi = jnp.where(new_hi, t, hi), jnp.where(new_hi, cnt, c_hi)
+    # Along the sample's ranks by the miss (first step), or a secant step.
     r = guess + jnp.round((target - cnt) / f32(scale)).astype(jnp.int32)
-    t_sample = jnp.take_along_axis(top, jnp.clip(r, 0, length - 1)[:, None], axis=-1)[:, 0]
-    t_secant = t + (target - cnt) * (t - t_prev) / jnp.where(cnt == c_prev, f32(1), cnt - c_prev)
-    t_new = jnp.where(i == 0, jnp.where((r >= 0) & (r < length), t_sample, f32(jnp.nan)),
-                      jnp.where(cnt == c_prev, f32(jnp.nan), t_secant))
-    # ... else regula falsi inside the bracket.
-    frac = (c_lo - target) / jnp.maximum(c_lo - c_hi, f32(1))
-    frac = jnp.where(i % 3 == 2, f32(0.5), jnp.clip(frac, f32(0.02), f32(0.98)))
-    inside = (t_new > lo) & (t_new < hi)  # False for NaN
-    t_new = jnp.where(inside, t_new, lo + (hi - lo) * frac)
+    t_sample = jnp.take_along_axis(top, jnp.clip(r, 0, m - 1)[:, None], axis=-1)[:, 0]
+    t_sample = jnp.where((r >= 0) & (r < m), t_sample, f32(jnp.nan))
+    # Before the window is bracketed, aim past its middle (3/4 across), so that a concave or
+    # convex count curve does not leave the steps creeping towards it from one side.
+    aim = jnp.where(cnt > cap, f32(k + (cap - k) // 4), f32(cap - (cap - k) // 4))
+    step = (aim - cnt) * (t - t_prev) / (cnt - c_prev)  # NaN or inf when flat
+    t_secant = t + step
+    t_new = jnp.where(i == 0, t_sample, t_secant)
+    # Keep it on the right side of what is known; regula falsi inside a full bracket.
+    bracketed = ~jnp.isnan(lo) & ~jnp.isnan(hi)
+    ok = jnp.isfinite(t_new) & ~(t_new <= lo) & ~(t_new >= hi)
+    frac = jnp.clip((c_lo - target) / jnp.maximum(c_lo - c_hi, f32(1)), f32(0.05), f32(0.95))
+    t_falsi = lo + (hi - lo) * jnp.where(i % 3 == 2, f32(0.5), frac)
+    t_open = jnp.where(many, t + step0, t - step0)  # one side still unknown
+    t_new = jnp.where(bracketed & (~ok | (i % 3 == 2)), t_falsi, jnp.where(ok, t_new, t_open))
     t_next = jnp.where(done, t, t_new)
     return (i + 1, t_next, jnp.where(done, cnt, count(t_next)), t, cnt, lo, c_lo, hi, c_hi)
 
   t0 = top[:, guess]
   c0 = count(t0)
-  state = (jnp.int32(0), t0, c0, t0, c0, lo, c_lo, hi, c_hi)
+  nan = jnp.full(t0.shape, jnp.nan, f32)
+  state = (jnp.int32(0), t0, c0, t0, c0, nan, nan, nan, nan)
   _, t, cnt, *_ = jax.lax.while_loop(cond, body, state)
   return order_key(t), done_of(cnt)
 
@@ -235,7 +242,7 @@ def top_k_keys(key: jax.Array, k: int, method: str = "auto") -> jax.Array:
   if method == "lax":
     return _top_k_lax(key, k)
   if method == "threshold":
-    cap = min(n, -(-(k + max(64, k // 8)) // 64) * 64)
+    cap = min(n, -(-(k + max(128, k // 8)) // 64) * 64)
     return _top_k_threshold(key, k, cap)
   raise ValueError(f"method must be one of {TOP_K_METHODS}, got {method!r}")
 
