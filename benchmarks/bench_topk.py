@@ -144,14 +144,13 @@ def pool_rows(table, data, params_s, params_t, repeats):
   u, n = data.num_users, data.num_items
   for m, name, params in ((3000, "CD student pool top-3000", params_s),
                           (500, "teacher top-500 lists (RRD/DCD prepare)", params_t)):
-    new = ranking.TopLists(bpr_mf.score_all, train, u, n, m, chunk=256)
-    old = reference.TopLists(bpr_mf.score_all, train, u, n, m, chunk=256)
+    new = jax.jit(ranking.TopLists(bpr_mf.score_all, train, u, n, m, chunk=256).build)
+    old = jax.jit(reference.TopLists(bpr_mf.score_all, train, u, n, m, chunk=256).build)
     with ranking.x64():
-      got, want = jax.jit(new.build)(params), jax.jit(old.build)(params)
+      got, want = new(params), old(params)
       same = all(np.array_equal(got[x], want[x]) for x in want)
-      table.add("lists", f"previous: {name}", _time(lambda: jax.jit(old.build)(params),
-                                                     repeats))
-      table.add("lists", f"new: {name}", _time(lambda: jax.jit(new.build)(params), repeats),
+      table.add("lists", f"previous: {name}", _time(lambda: old(params), repeats))
+      table.add("lists", f"new: {name}", _time(lambda: new(params), repeats),
                 f"identical: {same}")
   # A whole student-guided CD refresh (the pool and 2 draws per user), as `bench_kd` times it.
   cfg = kd_citeulike.get_config("cd")
@@ -175,26 +174,27 @@ def list_rows(table, data, params_s, params_t, repeats):
     return jax.jit(lambda p: jax.lax.map(
         lambda uu: fn(bpr_mf.score_all(p, uu), items, 600), chunks))
 
+  old, new = capped(reference.capped_ranks), capped(dcd.capped_ranks)
   with ranking.x64():
-    a, b = capped(reference.capped_ranks)(params_s), capped(dcd.capped_ranks)(params_s)
-    note = f"identical: {bool(jnp.array_equal(a, b))}"
+    note = f"identical: {bool(jnp.array_equal(old(params_s), new(params_s)))}"
     table.add("lists", "previous: DCD student top-600 ranks", _time(
-        lambda: capped(reference.capped_ranks)(params_s), repeats))
-    table.add("lists", "new: DCD student top-600 ranks", _time(
-        lambda: capped(dcd.capped_ranks)(params_s), repeats), note)
+        lambda: old(params_s), repeats))
+    table.add("lists", "new: DCD student top-600 ranks", _time(lambda: new(params_s), repeats),
+              note)
   groups = jnp.asarray(metrics.popularity_groups(*data.split("train"), n, 2))
 
   def group(fn):
     return jax.jit(lambda p: jax.lax.map(lambda uu: fn(
         bpr_mf.score_all(p, uu), sparse.row_mask(train, uu, n), groups, 2, 1000), chunks))
 
+  old, new = group(reference.group_lists), group(unkd.group_lists)
   with ranking.x64():
-    a, b = group(reference.group_lists)(params_t), group(unkd.group_lists)(params_t)
+    a, b = old(params_t), new(params_t)
     note = f"identical: {all(bool(jnp.array_equal(x, y)) for x, y in zip(a, b))}"
     table.add("lists", "previous: UnKD 2 groups x top-1000", _time(
-        lambda: group(reference.group_lists)(params_t), repeats))
-    table.add("lists", "new: UnKD 2 groups x top-1000", _time(
-        lambda: group(unkd.group_lists)(params_t), repeats), note)
+        lambda: old(params_t), repeats))
+    table.add("lists", "new: UnKD 2 groups x top-1000", _time(lambda: new(params_t), repeats),
+              note)
 
 
 def bd_rows(table, data, params_s, params_t, repeats):
