@@ -181,12 +181,13 @@ def top_k_candidates(scores: jax.Array, candidate: jax.Array, k: int
 
 
 def _top_k_rows(scores: jax.Array, flat: jax.Array, k: int, need: jax.Array, group: int
-                ) -> tuple[jax.Array, jax.Array]:
-  """The top-k (ids, values) of the candidates of the rows of float32 `scores` [C, N] (no NaN;
-  ties by lower id; -0.0 as +0.0) where `need`; other rows get ids 0 and values -inf. `flat`:
-  the chunk's excluded positions (`ranking.chunk_positions`). The needed rows are gathered
-  `group` at a time (a while loop over as many groups as needed), so a chunk where few rows
-  need a list pays little for XLA's CPU top-k (~2 ns per item)."""
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The top-k (ids, values) of the candidates of the rows of float32 `scores` [C, N] (ties by
+  lower id; -0.0 as +0.0) where `need`; other rows get ids 0 and values -inf. `flat`: the
+  chunk's excluded positions (`ranking.chunk_positions`), set to -inf. The needed rows are
+  gathered `group` at a time (a while loop over as many groups as needed), so a chunk where few
+  rows need a list pays little for XLA's CPU top-k (~2 ns per item). Also returns whether a
+  needed row has a NaN or -inf score (where this float top-k is not the library's order)."""
   c, n = scores.shape
   order = jnp.argsort(~need, stable=True).astype(jnp.int32)  # needed rows first
   n_need = jnp.sum(need, dtype=jnp.int32)
@@ -194,20 +195,22 @@ def _top_k_rows(scores: jax.Array, flat: jax.Array, k: int, need: jax.Array, gro
   flat_row, flat_col = flat // n, flat % n  # padding: row c
 
   def body(state):
-    g, ids, vals = state
+    g, ids, vals, special = state
     rows = jax.lax.dynamic_slice(order, (g * group,), (group,))
     sub = scores[jnp.minimum(rows, c - 1)]
+    special = special | jnp.any((rows < c)[:, None] & (jnp.isnan(sub) | (sub == -jnp.inf)))
     slot = jnp.full((c + 1,), group, jnp.int32).at[rows].set(
         jnp.arange(group, dtype=jnp.int32), mode="drop")[flat_row]  # group: not in this group
     sub = sub.reshape(-1).at[slot * n + flat_col].set(-jnp.inf, mode="drop").reshape(group, n)
     top_vals, top_ids = jax.lax.top_k(jnp.where(sub == 0, jnp.float32(0), sub), k)
     ids = ids.at[rows].set(top_ids.astype(jnp.int32), mode="drop")  # padding rows: dropped
     vals = vals.at[rows].set(top_vals, mode="drop")
-    return g + 1, ids, vals
+    return g + 1, ids, vals, special
 
-  init = (jnp.int32(0), jnp.zeros((c, k), jnp.int32), jnp.full((c, k), -jnp.inf, jnp.float32))
-  _, ids, vals = jax.lax.while_loop(lambda s: s[0] * group < n_need, body, init)
-  return ids, vals
+  init = (jnp.int32(0), jnp.zeros((c, k), jnp.int32), jnp.full((c, k), -jnp.inf, jnp.float32),
+          jnp.bool_(False))
+  _, ids, vals, special = jax.lax.while_loop(lambda s: s[0] * group < n_need, body, init)
+  return ids, vals, special
 
 
 def fast_full_ranks(scores: jax.Array, users: jax.Array, splits: Sequence[dict], max_k: int
@@ -218,33 +221,30 @@ def fast_full_ranks(scores: jax.Array, users: jax.Array, splits: Sequence[dict],
   excluded items), 'held', 'excluded': DeviceCSR (as `full_ranks`), 'share': index of an
   earlier split with the same candidates or -1}. Per split, the best held-out item's rank is
   counted (rank by counting): one pass over the chunk's scores counts the items ordered before
-  it (higher score, or equal score and lower id), minus those among the E excluded positions
-  (a gather). Only rows where that rank is <= k = min(max_k, N) can have other held-out items
+  it (higher score, or equal score and lower id: exactly `order_key`'s order, NaN below all,
+  unless the best item's own score is NaN), minus those among the E excluded positions (a
+  gather). Only rows where that rank is <= k = min(max_k, N) can have other held-out items
   within k, and only those rows get the candidates' top-k list (XLA's float `lax.top_k`,
   excluded items at -inf, `_top_k_rows`); the held-out items' ranks up to k are their positions
   in it. Splits with the same candidates share the list. The ranks equal `full_ranks`' wherever
-  those are defined (up to k, and the row minimum), so the metrics are identical. A chunk with
-  a non-finite score (where -inf candidates would tie with excluded items) takes `full_ranks`
-  per split instead (`lax.cond`; detected in the first count: 0 * score is NaN there).
+  those are defined (up to k, and the row minimum), so the metrics are identical. A chunk where
+  a held-out score is NaN, or a row that needs a list has a NaN or -inf score (where -inf
+  candidates would tie with excluded items), takes `full_ranks` per split (`lax.cond`).
   """
   c, n = scores.shape
   k = min(int(max_k), n)
   s = scores.astype(jnp.float32)  # float compares tie -0.0 with +0.0
   ids = jnp.arange(n, dtype=jnp.int32)[None, :]
   f1, f0 = jnp.float32(1), jnp.float32(0)
-  per_split, special = [], None
+  per_split, special = [], jnp.bool_(False)
   for sp in splits:
     held_items, valid = sparse.padded_rows(sp["held"], users, pad=0)
     hs = jnp.take_along_axis(s, held_items, axis=-1)
+    special = special | jnp.any(valid & jnp.isnan(hs))
     best = jnp.max(jnp.where(valid, hs, -jnp.inf), axis=-1)
     best_id = jnp.min(jnp.where(valid & (hs == best[:, None]), held_items, n), axis=-1)
     before = (s > best[:, None]) | ((s == best[:, None]) & (ids < best_id[:, None]))
-    terms = jnp.where(before, f1, f0)
-    if special is None:
-      terms = terms + f0 * s  # NaN wherever a score is NaN or infinite
-    count = jnp.sum(terms, axis=-1)
-    if special is None:
-      special = jnp.any(jnp.isnan(count))
+    count = jnp.sum(jnp.where(before, f1, f0), axis=-1)
     # The excluded items among them (the positions are distinct: a gather, then a row sum).
     flat = sp["flat"]
     row, col = flat // n, flat % n
@@ -254,35 +254,34 @@ def fast_full_ranks(scores: jax.Array, users: jax.Array, splits: Sequence[dict],
     count = count - jnp.zeros((c,), jnp.float32).at[row].add(jnp.where(ex_before, f1, f0),
                                                               mode="drop")
     per_split.append((held_items, valid, hs, 1 + count.astype(jnp.int32)))
-
-  def fast(_):
-    lists = []
-    for j, sp in enumerate(splits):
-      if sp["share"] >= 0:
-        lists.append(lists[sp["share"]])
-        continue
-      need = jnp.zeros((c,), bool)
-      for jj, other in enumerate(splits):
-        if jj == j or other["share"] == j:
-          need = need | (per_split[jj][3] <= k)
-      group = max(1, min(c, 32)) if jax.default_backend() == "cpu" else c
-      lists.append(_top_k_rows(s, sp["flat"], k, need, group))
-    out = []
-    for (held_items, valid, hs, best_rank), (top_ids, top_vals) in zip(per_split, lists):
-      # Rank within the top-k list: 1 + the listed candidates ordered before the item.
-      tv, ti = top_vals[:, None, :], top_ids[:, None, :]
-      listed_before = (tv > -jnp.inf) & ((tv > hs[:, :, None]) | (
-          (tv == hs[:, :, None]) & (ti < held_items[:, :, None])))
-      rank = 1 + jnp.sum(listed_before, axis=-1, dtype=jnp.int32)
-      listed = (best_rank <= k)[:, None] & (rank <= k)
-      ranks = jnp.where(listed, rank, jnp.maximum(best_rank, k + 1)[:, None])
-      out.append((jnp.where(valid, ranks, 0), valid))
-    return out
+  lists = []
+  for j, sp in enumerate(splits):
+    if sp["share"] >= 0:
+      lists.append(lists[sp["share"]])
+      continue
+    need = jnp.zeros((c,), bool)
+    for jj, other in enumerate(splits):
+      if jj == j or other["share"] == j:
+        need = need | (per_split[jj][3] <= k)
+    group = max(1, min(c, 32)) if jax.default_backend() == "cpu" else c
+    top_ids, top_vals, list_special = _top_k_rows(s, sp["flat"], k, need, group)
+    special = special | list_special
+    lists.append((top_ids, top_vals))
+  out = []
+  for (held_items, valid, hs, best_rank), (top_ids, top_vals) in zip(per_split, lists):
+    # Rank within the top-k list: 1 + the listed candidates ordered before the item.
+    tv, ti = top_vals[:, None, :], top_ids[:, None, :]
+    listed_before = (tv > -jnp.inf) & ((tv > hs[:, :, None]) | (
+        (tv == hs[:, :, None]) & (ti < held_items[:, :, None])))
+    rank = 1 + jnp.sum(listed_before, axis=-1, dtype=jnp.int32)
+    listed = (best_rank <= k)[:, None] & (rank <= k)
+    ranks = jnp.where(listed, rank, jnp.maximum(best_rank, k + 1)[:, None])
+    out.append((jnp.where(valid, ranks, 0), valid))
 
   def slow(_):
     return [full_ranks(scores, users, sp["excluded"], sp["held"], max_k) for sp in splits]
 
-  return jax.lax.cond(special, slow, fast, None)
+  return jax.lax.cond(special, slow, lambda _: out, None)
 
 
 def group_metrics(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCSR,

@@ -331,3 +331,21 @@ def test_fast_full_ranks_equal_full_ranks_where_defined(seed):
   assert (got[valid & ~top] > 5).all()
   big = np.where(valid, want, 10**9).min(axis=1)
   np.testing.assert_array_equal(np.where(valid, got, 10**9).min(axis=1), big)  # MRR's rank
+
+
+def test_fast_full_ranks_count_special_candidates_without_fallback():
+  # The held-out item (7, score 0) ranks beyond k = 2, so its row needs no list and the count
+  # alone decides: +inf before it, NaN and -inf after, 0.0 / -0.0 ties by id, train excluded.
+  nan, inf = np.nan, np.inf
+  scores = np.array([[9., 8., inf, nan, -inf, 0.0, -0.0, 0.0, 0.0, -0.0, 1., -1., nan, inf, -5.,
+                      0.5]], np.float32)
+  data = Interactions.from_rows("sp", 16, [[0, 1, 13]], [[]], [[7]])
+  ev = metrics.Evaluator(data, "test", ks=(2,))
+  users = jnp.asarray(ev.users)
+  pos = ranking.chunk_positions(ev.users, 1, 16, ev._excluded_np, ev._held_np)[0]
+  split = dict(flat=jnp.asarray(pos), held=ev._held, excluded=ev._excluded, share=-1)
+  (got, _), = jax.jit(lambda s: metrics.fast_full_ranks(s, users, [split], 2))(scores)
+  # Before item 7: 2 (inf), 10 (1.), 15 (0.5), 5 and 6 (0.0 / -0.0, lower ids): rank 6.
+  assert int(got[0, 0]) == 6
+  _, want = reference_full(data, scores, "test", (2,))
+  assert math.isclose(1 / 6, want["MRR"][0])
