@@ -222,8 +222,8 @@ def fast_full_ranks(scores: jax.Array, users: jax.Array, splits: Sequence[dict],
   earlier split with the same candidates or -1}. Per split, the best held-out item's rank is
   counted (rank by counting): one pass over the chunk's scores counts the items ordered before
   it (higher score, or equal score and lower id: exactly `order_key`'s order, NaN below all,
-  unless the best item's own score is NaN), minus those among the E excluded positions (a
-  gather). Only rows where that rank is <= k = min(max_k, N) can have other held-out items
+  unless the best item's own score is NaN), for up to 31 // bits(N) splits at once in the bit
+  fields of one int32 sum, minus those among the E excluded positions (a gather). Only rows where that rank is <= k = min(max_k, N) can have other held-out items
   within k, and only those rows get the candidates' top-k list (XLA's float `lax.top_k`,
   excluded items at -inf, `_top_k_rows`); the held-out items' ranks up to k are their positions
   in it. Splits with the same candidates share the list. The ranks equal `full_ranks`' wherever
@@ -235,25 +235,35 @@ def fast_full_ranks(scores: jax.Array, users: jax.Array, splits: Sequence[dict],
   k = min(int(max_k), n)
   s = scores.astype(jnp.float32)  # float compares tie -0.0 with +0.0
   ids = jnp.arange(n, dtype=jnp.int32)[None, :]
-  f1, f0 = jnp.float32(1), jnp.float32(0)
-  per_split, special = [], jnp.bool_(False)
+  per_split, special, befores = [], jnp.bool_(False), []
   for sp in splits:
     held_items, valid = sparse.padded_rows(sp["held"], users, pad=0)
     hs = jnp.take_along_axis(s, held_items, axis=-1)
     special = special | jnp.any(valid & jnp.isnan(hs))
     best = jnp.max(jnp.where(valid, hs, -jnp.inf), axis=-1)
     best_id = jnp.min(jnp.where(valid & (hs == best[:, None]), held_items, n), axis=-1)
-    before = (s > best[:, None]) | ((s == best[:, None]) & (ids < best_id[:, None]))
-    count = jnp.sum(jnp.where(before, f1, f0), axis=-1)
-    # The excluded items among them (the positions are distinct: a gather, then a row sum).
+    befores.append((s > best[:, None]) | ((s == best[:, None]) & (ids < best_id[:, None])))
+    per_split.append((held_items, valid, hs, best, best_id))
+  # The counts, several splits' packed into the bit fields of one int32 sum (one pass).
+  bits = max(1, n.bit_length())
+  per_word = max(1, 31 // bits)
+  counts = []
+  for w in range(0, len(splits), per_word):
+    word = sum(b.astype(jnp.int32) << (bits * j) for j, b in enumerate(befores[w:w + per_word]))
+    total = jnp.sum(word, axis=-1, dtype=jnp.int32)
+    counts += [(total >> (bits * j)) & ((1 << bits) - 1)
+               for j in range(len(befores[w:w + per_word]))]
+  for j, sp in enumerate(splits):
+    held_items, valid, hs, best, best_id = per_split[j]
+    # Minus the excluded items among them (distinct positions: a gather, then a row sum).
     flat = sp["flat"]
     row, col = flat // n, flat % n
     r = jnp.minimum(row, c - 1)
     ex = s.reshape(-1)[jnp.minimum(flat, c * n - 1)]
     ex_before = (row < c) & ((ex > best[r]) | ((ex == best[r]) & (col < best_id[r])))
-    count = count - jnp.zeros((c,), jnp.float32).at[row].add(jnp.where(ex_before, f1, f0),
-                                                              mode="drop")
-    per_split.append((held_items, valid, hs, 1 + count.astype(jnp.int32)))
+    count = counts[j] - jnp.zeros((c,), jnp.int32).at[row].add(ex_before.astype(jnp.int32),
+                                                                mode="drop")
+    per_split[j] = (held_items, valid, hs, 1 + count)
   lists = []
   for j, sp in enumerate(splits):
     if sp["share"] >= 0:
