@@ -7,7 +7,8 @@ batch 2048, 49 steps per epoch).
 Rows per method: one distillation epoch (the train steps: sampling, both losses, the student's
 (and the method's) update), one refresh (the per-epoch state: CD's pool and draws, RRD's
 interesting/uninteresting sets, DCD's re-ranking and draws), the one-off prepare (the teacher's
-top-M lists) and one validation evaluation of the student (done every epoch by the protocol);
+top-M lists) and one validation evaluation of the student (done every epoch by the protocol),
+and validation and test in one pass (`metrics.evaluate_splits`, what KDs does every epoch);
 `per_epoch` = epoch + refresh (when the method refreshes every epoch) + evaluation. Plus the
 teacher's own warm-up epoch and evaluation. Each row is the median of `repeats` timed calls
 after one untimed (compiling) call. Prints JSON with hardware and date.
@@ -20,7 +21,7 @@ import jax
 
 from benchmarks.common import median_time, write_report
 from configs import kd_citeulike
-from kdrec_jax import train
+from kdrec_jax import metrics, train
 
 _METHODS = flags.DEFINE_list("methods", [m for m in kd_citeulike.METHODS if m != "teacher"],
                              "Methods to time (configs/kd_citeulike.py arguments).")
@@ -52,6 +53,10 @@ def _time_phase(exp, phase, repeats):
   ev = exp.evaluators["val"]
   times[f"eval_val_{learner}"] = median_time(
       lambda: ev(exp.models[learner].score_all, holder["state"].params[learner]), repeats)
+  both = {s: exp.evaluators[s] for s in ("val", "test")}  # KDs evaluates both every epoch
+  times[f"eval_val_test_{learner}"] = median_time(
+      lambda: metrics.evaluate_splits(both, exp.models[learner].score_all,
+                                      holder["state"].params[learner]), repeats)
   times["per_epoch"] = (times["epoch"] + times[f"eval_val_{learner}"]
                         + (times.get("refresh", 0.0) if exp.method.refresh_every == 1 else 0.0))
   return times

@@ -9,6 +9,9 @@
 #   models: benchmark rows for NeuMF, LightGCN and CDAE
 #   full_cdae, full_neumf, full_lightgcn: that model's whole schedule with the control
 #   kd:     teacher->student rows (python3 -m benchmarks.bench_kd), every method
+#   topk:   the top-K / full-ranking rows (python3 -m benchmarks.bench_topk): the
+#           evaluation (one split, both in one pass, d = 20 and 400), CD's pool, the top-M lists,
+#           BD's rank refresh and the per-k candidates, previous path beside the new
 #   kd_htd: the RCE-KD protocol's teacher, then its HTD student (too slow for the 2-core CPU)
 #   ibd_cdae: the iBD protocol with CDAE (docs/results/ibd.md; launch.sweep): a 300-epoch warm-up,
 #           then BD and the iBD arms for 400 epochs each; IBD_SEEDS (default 0) and IBD_ARMS
@@ -51,6 +54,8 @@ for what in "$@"; do
             done ;;
     kd) python3 -m benchmarks.bench_kd --repeats 3 --out "$OUT/bench_kd_gpu.json" 2>&1 \
           | grep -v "^[IW]1" | grep -v '^ ' | tail -12 ;;
+    topk) python3 -m benchmarks.bench_topk --repeats 3 --out "$OUT/topk_gpu.json" 2>&1 \
+          | grep -v "^[IW]1" | grep "^|\|^#" ;;
     kd_htd) wd=/tmp/kd; mkdir -p "$OUT/kd_htd"
           python3 -m launch.sweep --config configs/kd_citeulike.py --arms htd --root "$wd" 2>&1 \
             | tee "$OUT/kd_htd/sweep.log"

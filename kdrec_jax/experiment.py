@@ -101,9 +101,11 @@ class Experiment:
     """{model: {split: metrics}} of `params` ({model: params}); `bias` adds the
     per-popularity-group metrics (phase ends); `key` the sampled protocol's (default: the
     run's `eval_key`)."""
+    from kdrec_jax import metrics as kmetrics
     key = self.eval_key if key is None else key
-    return {m: {s: self.evaluators[s](self.models[m].score_all, params[m], key, bias=bias)
-                for s in splits} for m in models}
+    evaluators = {s: self.evaluators[s] for s in splits}  # scored once for all the splits
+    return {m: kmetrics.evaluate_splits(evaluators, self.models[m].score_all, params[m], key,
+                                        bias=bias) for m in models}
 
   def report(self, params) -> dict:
     """The method's phase-end analysis of both models (`Method.report`), {} if it has none."""

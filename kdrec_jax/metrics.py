@@ -175,24 +175,128 @@ def top_k_candidates(scores: jax.Array, candidate: jax.Array, k: int
   """Each row's top-k candidates, best first, in the library's order (ties to the lower id;
   NaN, -inf and -0.0 as `order_key`).
 
-  When every candidate score is finite this is a float `lax.top_k` with non-candidates at -inf
-  (fast; XLA's CPU `top_k` on int32 keys falls back to a full sort, ~75x slower); otherwise the
-  same `top_k` on the int32 order keys. scores [C, N], candidate bool [C, N]. Returns (items
-  int32 [C, k], valid bool [C, k]); valid is False beyond the row's number of candidates.
+  `ranking.top_k_keys` on the int32 order keys, non-candidates at `EXCLUDED_KEY` (on CPU a
+  float `lax.top_k` on `ranking.key_floats` for small k, the threshold pass for large k).
+  scores [C, N], candidate bool [C, N]. Returns (items int32 [C, k], valid bool [C, k]); valid
+  is False beyond the row's number of candidates.
   """
-  def by_floats(_):
-    s = scores.astype(jnp.float32)
-    s = jnp.where(candidate, jnp.where(s == 0, 0.0, s), -jnp.inf)  # -0.0 ties +0.0
-    items = jax.lax.top_k(s, k)[1]
-    return items.astype(jnp.int32), jnp.take_along_axis(candidate, items, axis=-1)
+  key = jnp.where(candidate, order_key(scores), jnp.int32(_EXCLUDED_KEY))
+  items = ranking.top_k_keys(key, k)
+  return items, jnp.take_along_axis(key, items, axis=-1) != _EXCLUDED_KEY
 
-  def by_keys(_):
-    key = jnp.where(candidate, order_key(scores), jnp.int32(_EXCLUDED_KEY))
-    top_keys, items = jax.lax.top_k(key, k)
-    return items.astype(jnp.int32), top_keys != _EXCLUDED_KEY
 
-  finite = jnp.all(jnp.isfinite(scores) | ~candidate)
-  return jax.lax.cond(finite, by_floats, by_keys, None)
+def _top_k_rows(scores: jax.Array, flat: jax.Array, k: int, need: jax.Array, group: int
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The top-k (ids, values) of the candidates of the rows of float32 `scores` [C, N] (ties by
+  lower id; -0.0 as +0.0) where `need`; other rows get ids 0 and values -inf. `flat`: the
+  chunk's excluded positions (`ranking.chunk_positions`), set to -inf. The needed rows are
+  gathered `group` at a time (a while loop over as many groups as needed), so a chunk where few
+  rows need a list pays little for XLA's CPU top-k (~2 ns per item). Also returns whether a
+  needed row has a NaN or -inf score (where this float top-k is not the library's order)."""
+  c, n = scores.shape
+  order = jnp.argsort(~need, stable=True).astype(jnp.int32)  # needed rows first
+  n_need = jnp.sum(need, dtype=jnp.int32)
+  order = jnp.concatenate([order, jnp.full((group,), c, jnp.int32)])
+  flat_row, flat_col = flat // n, flat % n  # padding: row c
+
+  def body(state):
+    g, ids, vals, special = state
+    rows = jax.lax.dynamic_slice(order, (g * group,), (group,))
+    sub = scores[jnp.minimum(rows, c - 1)]
+    special = special | jnp.any((rows < c)[:, None] & (jnp.isnan(sub) | (sub == -jnp.inf)))
+    slot = jnp.full((c + 1,), group, jnp.int32).at[rows].set(
+        jnp.arange(group, dtype=jnp.int32), mode="drop")[flat_row]  # group: not in this group
+    sub = sub.reshape(-1).at[slot * n + flat_col].set(-jnp.inf, mode="drop").reshape(group, n)
+    top_vals, top_ids = jax.lax.top_k(jnp.where(sub == 0, jnp.float32(0), sub), k)
+    ids = ids.at[rows].set(top_ids.astype(jnp.int32), mode="drop")  # padding rows: dropped
+    vals = vals.at[rows].set(top_vals, mode="drop")
+    return g + 1, ids, vals, special
+
+  init = (jnp.int32(0), jnp.zeros((c, k), jnp.int32), jnp.full((c, k), -jnp.inf, jnp.float32),
+          jnp.bool_(False))
+  _, ids, vals, special = jax.lax.while_loop(lambda s: s[0] * group < n_need, body, init)
+  return ids, vals, special
+
+
+def fast_full_ranks(scores: jax.Array, users: jax.Array, splits: Sequence[dict], max_k: int
+                    ) -> list[tuple[jax.Array, jax.Array]]:
+  """`full_ranks` for several held-out splits of the same chunk of scores, from one pass each.
+
+  splits: per split {'flat': int32 [E] (this chunk's `ranking.chunk_positions` row: the
+  excluded items), 'held', 'excluded': DeviceCSR (as `full_ranks`), 'share': index of an
+  earlier split with the same candidates or -1}. Per split, the best held-out item's rank is
+  counted (rank by counting): one pass over the chunk's scores counts the items ordered before
+  it (higher score, or equal score and lower id: exactly `order_key`'s order, NaN below all,
+  unless the best item's own score is NaN), for up to 31 // bits(N) splits at once in the bit
+  fields of one int32 sum, minus those among the E excluded positions (a gather). Only rows where that rank is <= k = min(max_k, N) can have other held-out items
+  within k, and only those rows get the candidates' top-k list (XLA's float `lax.top_k`,
+  excluded items at -inf, `_top_k_rows`); the held-out items' ranks up to k are their positions
+  in it. Splits with the same candidates share the list. The ranks equal `full_ranks`' wherever
+  those are defined (up to k, and the row minimum), so the metrics are identical. A chunk where
+  a held-out score is NaN, or a row that needs a list has a NaN or -inf score (where -inf
+  candidates would tie with excluded items), takes `full_ranks` per split (`lax.cond`).
+  """
+  c, n = scores.shape
+  k = min(int(max_k), n)
+  s = scores.astype(jnp.float32)  # float compares tie -0.0 with +0.0
+  ids = jnp.arange(n, dtype=jnp.int32)[None, :]
+  per_split, special, befores = [], jnp.bool_(False), []
+  for sp in splits:
+    held_items, valid = sparse.padded_rows(sp["held"], users, pad=0)
+    hs = jnp.take_along_axis(s, held_items, axis=-1)
+    special = special | jnp.any(valid & jnp.isnan(hs))
+    best = jnp.max(jnp.where(valid, hs, -jnp.inf), axis=-1)
+    best_id = jnp.min(jnp.where(valid & (hs == best[:, None]), held_items, n), axis=-1)
+    befores.append((s > best[:, None]) | ((s == best[:, None]) & (ids < best_id[:, None])))
+    per_split.append((held_items, valid, hs, best, best_id))
+  # The counts, several splits' packed into the bit fields of one int32 sum (one pass).
+  bits = max(1, n.bit_length())
+  per_word = max(1, 31 // bits)
+  counts = []
+  for w in range(0, len(splits), per_word):
+    word = sum(b.astype(jnp.int32) << (bits * j) for j, b in enumerate(befores[w:w + per_word]))
+    total = jnp.sum(word, axis=-1, dtype=jnp.int32)
+    counts += [(total >> (bits * j)) & ((1 << bits) - 1)
+               for j in range(len(befores[w:w + per_word]))]
+  for j, sp in enumerate(splits):
+    held_items, valid, hs, best, best_id = per_split[j]
+    # Minus the excluded items among them (distinct positions: a gather, then a row sum).
+    flat = sp["flat"]
+    row, col = flat // n, flat % n
+    r = jnp.minimum(row, c - 1)
+    ex = s.reshape(-1)[jnp.minimum(flat, c * n - 1)]
+    ex_before = (row < c) & ((ex > best[r]) | ((ex == best[r]) & (col < best_id[r])))
+    count = counts[j] - jnp.zeros((c,), jnp.int32).at[row].add(ex_before.astype(jnp.int32),
+                                                                mode="drop")
+    per_split[j] = (held_items, valid, hs, 1 + count)
+  lists = []
+  for j, sp in enumerate(splits):
+    if sp["share"] >= 0:
+      lists.append(lists[sp["share"]])
+      continue
+    need = jnp.zeros((c,), bool)
+    for jj, other in enumerate(splits):
+      if jj == j or other["share"] == j:
+        need = need | (per_split[jj][3] <= k)
+    group = max(1, min(c, 32)) if jax.default_backend() == "cpu" else c
+    top_ids, top_vals, list_special = _top_k_rows(s, sp["flat"], k, need, group)
+    special = special | list_special
+    lists.append((top_ids, top_vals))
+  out = []
+  for (held_items, valid, hs, best_rank), (top_ids, top_vals) in zip(per_split, lists):
+    # Rank within the top-k list: 1 + the listed candidates ordered before the item.
+    tv, ti = top_vals[:, None, :], top_ids[:, None, :]
+    listed_before = (tv > -jnp.inf) & ((tv > hs[:, :, None]) | (
+        (tv == hs[:, :, None]) & (ti < held_items[:, :, None])))
+    rank = 1 + jnp.sum(listed_before, axis=-1, dtype=jnp.int32)
+    listed = (best_rank <= k)[:, None] & (rank <= k)
+    ranks = jnp.where(listed, rank, jnp.maximum(best_rank, k + 1)[:, None])
+    out.append((jnp.where(valid, ranks, 0), valid))
+
+  def slow(_):
+    return [full_ranks(scores, users, sp["excluded"], sp["held"], max_k) for sp in splits]
+
+  return jax.lax.cond(special, slow, lambda _: out, None)
 
 
 def group_metrics(scores: jax.Array, users: jax.Array, excluded: sparse.DeviceCSR,
@@ -292,32 +396,41 @@ def sampled_ranks(scores: jax.Array, users: jax.Array, held: sparse.DeviceCSR,
 
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "ks", "chunk_size", "protocol",
-                                             "num_negatives", "max_tries", "num_groups"))
-def _per_user_chunked(score_fn: ScoreFn, params: Any, users: jax.Array,
-                      excluded: sparse.DeviceCSR, held: sparse.DeviceCSR,
-                      seen: sparse.DeviceCSR, key: jax.Array | None,
+                                             "num_negatives", "max_tries", "num_groups",
+                                             "shares"))
+def _per_user_chunked(score_fn: ScoreFn, params: Any, users: jax.Array, splits: tuple,
+                      tables: tuple, seen: sparse.DeviceCSR | None, key: jax.Array | None,
                       groups: jax.Array | None = None, *, ks: tuple[int, ...],
                       chunk_size: int, protocol: str, num_negatives: int, max_tries: int,
-                      num_groups: int = 0) -> dict[str, jax.Array]:
-  """Per-user metrics for `users` (length a multiple of chunk_size), chunked with lax.map;
-  with `num_groups` > 0 (full protocol) also the per-group metrics of `groups` (int32 [N])."""
+                      num_groups: int = 0, shares: tuple[int, ...] = (-1,)
+                      ) -> tuple[dict[str, jax.Array], ...]:
+  """Per-user metrics of every split in `splits` ({'excluded', 'held'} DeviceCSRs) for `users`
+  (length a multiple of chunk_size), chunked with lax.map: each chunk is scored once. tables:
+  per split its `ranking.chunk_positions` [num_chunks, E]; shares: per split the index of an earlier
+  split with the same candidates, or -1. With `num_groups` > 0 (full protocol) also the
+  per-group metrics of `groups` (int32 [N])."""
 
-  def one_chunk(chunk):
+  def one_chunk(xs):
+    chunk, flats = xs
     scores = score_fn(params, chunk)
     if protocol == "full":
-      ranks, valid = full_ranks(scores, chunk, excluded, held, max(ks))
+      rs = fast_full_ranks(scores, chunk, [
+          dict(flat=f, share=sh, **sp) for f, sh, sp in zip(flats, shares, splits)], max(ks))
     else:
       negs, negs_valid = sample_negatives(key, chunk, seen, num_negatives, scores.shape[-1],
                                           max_tries)
-      ranks, valid = sampled_ranks(scores, chunk, held, negs, negs_valid)
-    out = ranking_metrics_from_ranks(ranks, valid, ks)
-    if num_groups:
-      out.update(group_metrics(scores, chunk, excluded, held, ranks, valid, groups, num_groups,
-                               ks))
-    return out
+      rs = [sampled_ranks(scores, chunk, sp["held"], negs, negs_valid) for sp in splits]
+    outs = []
+    for (ranks, valid), sp in zip(rs, splits):
+      out = ranking_metrics_from_ranks(ranks, valid, ks)
+      if num_groups:
+        out.update(group_metrics(scores, chunk, sp["excluded"], sp["held"], ranks, valid, groups,
+                                 num_groups, ks))
+      outs.append(out)
+    return tuple(outs)
 
-  out = jax.lax.map(one_chunk, users.reshape(-1, chunk_size))
-  return {name: v.reshape(-1) for name, v in out.items()}
+  out = jax.lax.map(one_chunk, (users.reshape(-1, chunk_size), tables))
+  return tuple({name: v.reshape(-1) for name, v in o.items()} for o in out)
 
 
 def _union_csr(num_users: int, num_items: int, *csrs: tuple[np.ndarray, np.ndarray]
@@ -381,7 +494,9 @@ class Evaluator:
     u, i = data.num_users, data.num_items
     self.average = average
     excluded = [data.split("train")] + ([data.split(other)] if exclude_other else [])
-    self._excluded = sparse.DeviceCSR.from_numpy(*_union_csr(u, i, *excluded))
+    self._excluded_np = _union_csr(u, i, *excluded)
+    self._held_np = (held_indptr, held_indices)
+    self._excluded = sparse.DeviceCSR.from_numpy(*self._excluded_np)
     self._seen = (sparse.DeviceCSR.from_numpy(
         *_union_csr(u, i, data.split("train"), data.split("val"), data.split("test")))
                   if protocol == "sampled" else None)
@@ -414,24 +529,10 @@ class Evaluator:
     `bias` (and item groups) also the per-group metrics, NaN for a user without held-out items
     in the group (Recall, NDCG).
     """
-    groups = self.num_groups if bias else 0
-    names = self.names + (self.bias_names if groups else ())
-    if not self.num_users:
-      return {name: np.zeros(0, np.float32) for name in names}
-    out = _per_user_chunked(score_fn, params, self._padded_users, self._excluded, self._held,
-                            self._seen, self._key(key), self._groups if groups else None,
-                            ks=self.ks, chunk_size=self.chunk_size, protocol=self.protocol,
-                            num_negatives=self.num_negatives, max_tries=self.max_tries,
-                            num_groups=groups)
-    return {name: np.asarray(out[name])[:self.num_users] for name in names}
+    return joint_evaluator((self,)).per_user(score_fn, params, key, bias)[self.split]
 
-  def __call__(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None,
-               bias: bool = False) -> dict[str, float]:
-    """{name: mean over evaluated users}; NaN if no user has held-out items. With
-    average='all' the mean is over all users, those without held-out items counting 0.
-    `bias`: also the per-group metrics (class docstring), averaged over the users they are
-    defined for."""
-    per_user = self.per_user(score_fn, params, key, bias)
+  def means(self, per_user: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """{name: mean} of `per_user` (as returned by `per_user`), as `__call__` averages them."""
     n = self.data.num_users if self.average == "all" else self.num_users
     out = {}
     for name, v in per_user.items():
@@ -442,6 +543,14 @@ class Evaluator:
         out[name] = float(np.sum(v, dtype=np.float64) / n) if len(v) else float("nan")
     return out
 
+  def __call__(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None,
+               bias: bool = False) -> dict[str, float]:
+    """{name: mean over evaluated users}; NaN if no user has held-out items. With
+    average='all' the mean is over all users, those without held-out items counting 0.
+    `bias`: also the per-group metrics (class docstring), averaged over the users they are
+    defined for."""
+    return self.means(self.per_user(score_fn, params, key, bias))
+
   def negatives(self, key: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The sampled protocol's negatives for `self.users`: (items int32 [U, N], valid bool [U, N])."""
     if self.protocol != "sampled":
@@ -450,6 +559,95 @@ class Evaluator:
         self._key(key), jnp.asarray(self.users), self._seen, self.num_negatives,
         self.data.num_items, self.max_tries)
     return np.asarray(items), np.asarray(valid)
+
+
+# Rows per chunk on CPU: a chunk's scores then stay in the CPU's caches across its passes
+# (counts, the top-k of the rows that need it); `chunk_size` stays an upper bound.
+FAST_CHUNK = 256
+
+
+class JointEvaluator:
+  """Several `Evaluator`s of the same data and settings (e.g. 'val' and 'test') in one pass:
+  each chunk of users is scored once and every split's metrics are computed from those scores.
+  Results are identical to each evaluator's own: `per_user(...)[split]` equals
+  `evaluators[split].per_user(...)` and `__call__` its means. Build with `joint_evaluator`
+  (cached per tuple of evaluators).
+  """
+
+  def __init__(self, evaluators: Sequence[Evaluator]):
+    first = evaluators[0]
+    settings = lambda e: (e.data, e.ks, e.protocol, e.num_negatives, e.max_tries, e.num_groups)
+    if any(settings(e) != settings(first) for e in evaluators):
+      raise ValueError("joint evaluation needs the same data, ks, protocol and item groups")
+    self.evaluators = tuple(evaluators)
+    self.splits = tuple(e.split for e in evaluators)
+    if len(set(self.splits)) != len(self.splits):
+      raise ValueError(f"splits must differ, got {self.splits}")
+    self.users = np.unique(np.concatenate([e.users for e in evaluators])).astype(np.int32)
+    n = len(self.users)
+    chunk = min(e.chunk_size for e in evaluators)
+    if jax.default_backend() == "cpu":
+      chunk = min(chunk, FAST_CHUNK)
+    chunk = max(1, min(chunk, n))
+    if first.protocol == "full":
+      chunk = max(1, min(chunk, (2**31 - 1) // first.data.num_items))
+    self.chunk_size = chunk
+    pad = (-n) % chunk
+    fill = self.users[-1] if n else 0
+    padded = np.concatenate([self.users, np.full(pad, fill, np.int32)])
+    self._padded_users = jnp.asarray(padded)
+    self._rows = [np.searchsorted(self.users, e.users) for e in evaluators]
+    tables, shares = [], []
+    for e in evaluators:
+      if e.protocol == "full":
+        t = ranking.chunk_positions(padded, chunk, e.data.num_items, e._excluded_np,
+                                        e._held_np)
+      else:
+        t = np.zeros((len(padded) // chunk, 1), np.int32)
+      same = [j for j, u in enumerate(tables) if u.shape == t.shape and np.array_equal(u, t)]
+      shares.append(same[0] if same else -1)
+      tables.append(t)
+    self._tables = tuple(jnp.asarray(t) for t in tables)
+    self._shares = tuple(shares)
+    self._splits = tuple({"excluded": e._excluded, "held": e._held} for e in evaluators)
+
+  def per_user(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None,
+               bias: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """{split: {name: float32 [num_users of that split]}}, as `Evaluator.per_user`."""
+    first = self.evaluators[0]
+    groups = first.num_groups if bias else 0
+    names = first.names + (first.bias_names if groups else ())
+    if not len(self.users):
+      return {e.split: {name: np.zeros(0, np.float32) for name in names}
+              for e in self.evaluators}
+    out = _per_user_chunked(score_fn, params, self._padded_users, self._splits, self._tables,
+                            first._seen, first._key(key), first._groups if groups else None,
+                            ks=first.ks, chunk_size=self.chunk_size, protocol=first.protocol,
+                            num_negatives=first.num_negatives, max_tries=first.max_tries,
+                            num_groups=groups, shares=self._shares)
+    return {e.split: {name: np.asarray(o[name])[rows] for name in names}
+            for e, o, rows in zip(self.evaluators, out, self._rows)}
+
+  def __call__(self, score_fn: ScoreFn, params: Any, key: jax.Array | None = None,
+               bias: bool = False) -> dict[str, dict[str, float]]:
+    """{split: {name: mean}}, each as that split's `Evaluator.__call__`."""
+    per_user = self.per_user(score_fn, params, key, bias)
+    return {e.split: e.means(per_user[e.split]) for e in self.evaluators}
+
+
+@functools.lru_cache(maxsize=16)
+def joint_evaluator(evaluators: tuple[Evaluator, ...]) -> JointEvaluator:
+  """The (cached) `JointEvaluator` of `evaluators`."""
+  return JointEvaluator(evaluators)
+
+
+def evaluate_splits(evaluators: Mapping[str, Evaluator], score_fn: ScoreFn, params: Any,
+                    key: jax.Array | None = None, bias: bool = False
+                    ) -> dict[str, dict[str, float]]:
+  """{split: metrics} for `evaluators` ({split: Evaluator}) from one pass over the users (see
+  `JointEvaluator`); identical to calling each evaluator."""
+  joint = joint_evaluator(tuple(evaluators.values()))
+  return joint(score_fn, params, key, bias)
 
 
 @functools.lru_cache(maxsize=8)

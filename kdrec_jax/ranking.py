@@ -28,6 +28,225 @@ def order_key(scores: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(s), jnp.int32(_NAN_KEY), key)
 
 
+def key_floats(key: jax.Array) -> jax.Array:
+  """float32 values whose `lax.top_k` order is the order of the int32 `key`s (ties: lower index).
+
+  XLA's `TopK` compares float32 by their bits as sign-magnitude integers (a total order: -0.0
+  below +0.0, positive NaNs above +inf, negative NaNs below -inf). This is the inverse of that
+  map, so every int32 key, `EXCLUDED_KEY` and NaN keys included, becomes a float32 bit pattern
+  that `lax.top_k` places exactly where the key belongs. CPU only: other backends' top-k
+  kernels may compare the values as floats (`top_k_keys` uses the int32 keys there).
+  """
+  bits = jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def _halves(fn, *arrays):
+  """`fn(*arrays)` row-wise, on CPU as two independent halves so that XLA's runtime can run the
+  two (single-threaded) sorts on two cores at once."""
+  rows = arrays[0].shape[0]
+  if not _on_cpu() or rows < 16:
+    return fn(*arrays)
+  h = rows // 2
+  top = fn(*(a[:h] for a in arrays))
+  bottom = fn(*(a[h:] for a in arrays))
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), top, bottom)
+
+
+def _top_k_lax(key: jax.Array, k: int) -> jax.Array:
+  if _on_cpu():
+    return jax.lax.top_k(key_floats(key), k)[1].astype(jnp.int32)
+  return jax.lax.top_k(key, k)[1].astype(jnp.int32)
+
+
+def _sort_desc_ids(keys: jax.Array, ids: jax.Array) -> jax.Array:
+  """`ids` [C, M] reordered by descending `keys` (int32), ties by lower id (ids distinct)."""
+  def one(kk, ii):
+    if jax.config.jax_enable_x64:
+      packed = ((~kk).astype(jnp.int64) << 32) | ii.astype(jnp.int64)
+      return (jnp.sort(packed, axis=-1) & 0xFFFFFFFF).astype(jnp.int32)
+    return jax.lax.sort((~kk, ii), dimension=kk.ndim - 1, num_keys=2)[1]
+  return _halves(one, keys, ids)
+
+
+def _prefix_sums(x: jax.Array, block: int = 64) -> jax.Array:
+  """Inclusive cumulative sums along the last axis of small non-negative integers (float32,
+  exact below 2**24), as two triangular matmuls: XLA's CPU `cumsum` is a reduce-window that
+  costs ~30x more at these sizes."""
+  *lead, n = x.shape
+  nb = -(-n // block)
+  xb = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nb * block - n)]).reshape(*lead, nb, block)
+  hi = jax.lax.Precision.HIGHEST  # integers: no reduced-precision passes on accelerators
+  inner = jnp.matmul(xb, jnp.triu(jnp.ones((block, block), jnp.float32)), precision=hi)
+  before = jnp.matmul(inner[..., -1], jnp.triu(jnp.ones((nb, nb), jnp.float32), 1),
+                      precision=hi)
+  return (inner + before[..., None]).reshape(*lead, nb * block)[..., :n]
+
+
+def compact_rows(mask: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
+  """The column ids of each row's True entries, increasing, in `cap` slots: (ids int32 [C, cap]
+  with N in unused slots, count int32 [C]); entries beyond `cap` are dropped.
+
+  Sort- and scan-free (both are slow on XLA's CPU): the row is packed into 32-bit words, a word
+  per output slot is found from the words' popcount prefix sums (one scatter-add of a marker per
+  word, then prefix sums over the slots), and the slot's bit by a 5-step popcount search.
+  """
+  c, n = mask.shape
+  nw = -(-n // 32)
+  m = jnp.pad(mask, ((0, 0), (0, nw * 32 - n))).reshape(c, nw, 32)
+  word = jnp.sum(m.astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32), axis=-1,
+                 dtype=jnp.uint32)
+  pop = jax.lax.population_count(word).astype(jnp.float32)
+  start = _prefix_sums(pop) - pop  # first slot of each word
+  count = (start[:, -1] + pop[:, -1]).astype(jnp.int32)
+  # marks[j] = number of words starting at slot j; the slot's word is (sum of marks <= j) - 1.
+  rows = jnp.arange(c, dtype=jnp.int32)[:, None]
+  at = jnp.where(start < cap, rows * cap + start.astype(jnp.int32), c * cap)
+  marks = jnp.zeros((c * cap,), jnp.float32).at[at.reshape(-1)].add(1.0, mode="drop")
+  w = _prefix_sums(marks.reshape(c, cap)).astype(jnp.int32) - 1
+  flat = rows * nw + jnp.clip(w, 0, nw - 1)
+  r = jnp.arange(cap, dtype=jnp.int32)[None, :] - start.reshape(-1)[flat].astype(jnp.int32)
+  wj = word.reshape(-1)[flat]
+  pos = jnp.zeros((c, cap), jnp.int32)
+  for width in (16, 8, 4, 2, 1):
+    low = jax.lax.population_count(
+        (wj >> pos.astype(jnp.uint32)) & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
+    take = r >= low
+    r = jnp.where(take, r - low, r)
+    pos = jnp.where(take, pos + width, pos)
+  slot = jnp.arange(cap, dtype=jnp.int32)[None, :]
+  return jnp.where(slot < count[:, None], w * 32 + pos, n), count
+
+
+def _threshold_keys(key: jax.Array, k: int, cap: int, max_iter: int, pieces: int = 8,
+                    width: int = 64) -> tuple[jax.Array, jax.Array]:
+  """Per row a threshold key t with k <= #{key >= t} <= cap, and whether one was found.
+
+  The search runs on the scores (`key_floats`), the counts on the int32 keys (one pass each;
+  converting inside the passes is several times slower on XLA's CPU). The first guess is an
+  order statistic of a sample (`pieces` contiguous runs of `width` columns spread over the row;
+  strided samples are slow), sorted: its j-th best score stands for about (j + 1) n / m items,
+  and the guess aims at the middle of [k, cap]; the second moves along the sample's ranks by
+  the first count's miss. Then secant steps through the last two exact counts, aimed 3/4
+  across the window (so that the steps cross it rather than creep towards it), and once exact
+  counts bracket it, regula falsi inside the bracket whenever a secant step leaves it, and
+  every third step. Only exact counts decide. Rows that need more than `max_iter` steps (e.g. more
+  than cap - k ties at the k-th value, or fewer than k finite values) are not `done`.
+  """
+  f32 = jnp.float32
+  n = key.shape[-1]
+  if pieces * width * 2 <= n:
+    sample = jnp.concatenate([key[:, (i * n) // pieces:(i * n) // pieces + width]
+                              for i in range(pieces)], axis=-1)
+  else:
+    sample = key
+  m = sample.shape[-1]
+  target = k + (cap - k) // 2
+  scale = n / m
+  guess = min(m - 1, max(0, round(target / scale) - 1))
+  # key_floats of a key is its score (NaN patterns for NaN and excluded keys): the sample's
+  # scores, best first (a sort of a few hundred int32 keys per row: cheap).
+  top = key_floats(jnp.sort(sample, axis=-1)[:, ::-1])
+  fin = jnp.isfinite(top)
+  spread = (jnp.max(jnp.where(fin, top, -jnp.inf), axis=-1)
+            - jnp.min(jnp.where(fin, top, jnp.inf), axis=-1))
+  step0 = jnp.where(jnp.isfinite(spread) & (spread > 0), spread, f32(1)) / f32(8)
+  target = f32(target)
+
+  def count(t):
+    return jnp.sum(jnp.where(key >= order_key(t)[:, None], f32(1), f32(0)), axis=-1)
+
+  def done_of(cnt):
+    return (cnt >= k) & (cnt <= cap)
+
+  def cond(state):
+    i, _, cnt, *_ = state
+    return (i < max_iter) & ~jnp.all(done_of(cnt))
+
+  def body(state):
+    i, t, cnt, t_prev, c_prev, lo, c_lo, hi, c_hi = state
+    done = done_of(cnt)
+    many, few = ~done & (cnt > cap), ~done & (cnt < k)
+    # The bracket of exact counts: lo the highest t with too many, hi the lowest with too few
+    # (NaN while unknown).
+    new_lo = many & ~(t <= lo)
+    lo, c_lo = jnp.where(new_lo, t, lo), jnp.where(new_lo, cnt, c_lo)
+    new_hi = few & ~(t >= hi)
+    hi, c_hi = jnp.where(new_hi, t, hi), jnp.where(new_hi, cnt, c_hi)
+    # Along the sample's ranks by the miss (first step), or a secant step.
+    r = guess + jnp.round((target - cnt) / f32(scale)).astype(jnp.int32)
+    t_sample = jnp.take_along_axis(top, jnp.clip(r, 0, m - 1)[:, None], axis=-1)[:, 0]
+    t_sample = jnp.where((r >= 0) & (r < m), t_sample, f32(jnp.nan))
+    # Before the window is bracketed, aim past its middle (3/4 across), so that a concave or
+    # convex count curve does not leave the steps creeping towards it from one side.
+    aim = jnp.where(cnt > cap, f32(k + (cap - k) // 4), f32(cap - (cap - k) // 4))
+    step = (aim - cnt) * (t - t_prev) / (cnt - c_prev)  # NaN or inf when flat
+    t_secant = t + step
+    t_new = jnp.where(i == 0, t_sample, t_secant)
+    # Keep it on the right side of what is known; regula falsi inside a full bracket.
+    bracketed = ~jnp.isnan(lo) & ~jnp.isnan(hi)
+    ok = jnp.isfinite(t_new) & ~(t_new <= lo) & ~(t_new >= hi)
+    frac = jnp.clip((c_lo - target) / jnp.maximum(c_lo - c_hi, f32(1)), f32(0.05), f32(0.95))
+    t_falsi = lo + (hi - lo) * jnp.where(i % 3 == 2, f32(0.5), frac)
+    t_open = jnp.where(many, t + step0, t - step0)  # one side still unknown
+    t_new = jnp.where(bracketed & (~ok | (i % 3 == 2)), t_falsi, jnp.where(ok, t_new, t_open))
+    t_next = jnp.where(done, t, t_new)
+    return (i + 1, t_next, jnp.where(done, cnt, count(t_next)), t, cnt, lo, c_lo, hi, c_hi)
+
+  t0 = top[:, guess]
+  c0 = count(t0)
+  nan = jnp.full(t0.shape, jnp.nan, f32)
+  state = (jnp.int32(0), t0, c0, t0, c0, nan, nan, nan, nan)
+  _, t, cnt, *_ = jax.lax.while_loop(cond, body, state)
+  return order_key(t), done_of(cnt)
+
+
+def _top_k_threshold(key: jax.Array, k: int, cap: int, max_iter: int = 24) -> jax.Array:
+  """`top_k_keys` by a threshold pass: per row a key t with k..cap keys >= t (counting passes,
+  `_threshold_keys`), those items compacted (`compact_rows`) and sorted by (key, id). If a row
+  has no such t (fewer than k keys above NaN and excluded ones, or more than cap - k ties at the
+  k-th key), the chunk goes to `lax.top_k` (`lax.cond`): the result is always exact."""
+  t, done = _threshold_keys(key, k, cap, max_iter)
+
+  def fast(_):
+    ids, _ = compact_rows(key >= t[:, None], cap)
+    n = key.shape[-1]
+    kk = jnp.where(ids < n, jnp.take_along_axis(key, jnp.minimum(ids, n - 1), axis=-1),
+                   jnp.int32(EXCLUDED_KEY))
+    return _sort_desc_ids(kk, ids)[:, :k]
+
+  return jax.lax.cond(jnp.all(done), fast, lambda _: _top_k_lax(key, k), None)
+
+
+TOP_K_METHODS = ("auto", "lax", "threshold")
+
+
+def top_k_keys(key: jax.Array, k: int, method: str = "auto") -> jax.Array:
+  """Column ids of each row's `k` largest int32 order keys [C, N], best first, ties by lower id:
+  int32 [C, k], exactly `numpy.argsort(-key, kind='stable')[:, :k]`.
+
+  method: 'lax': `lax.top_k` (on CPU on `key_floats`);
+  'threshold': a counting threshold pass, compaction and a sort of about k items (`_top_k_
+  threshold`; CPU, large k); 'auto': 'threshold' on CPU for 256 <= k <= N / 4 (~3-5x faster than
+  XLA's CPU top-k there, benchmarks/REPORT.md), else 'lax' (accelerators sort).
+  """
+  n = key.shape[-1]
+  if not 0 <= k <= n:
+    raise ValueError(f"k must be in [0, {n}], got {k}")
+  if method == "auto":
+    method = "threshold" if _on_cpu() and 256 <= k and 4 * k <= n else "lax"
+  if method == "lax":
+    return _top_k_lax(key, k)
+  if method == "threshold":
+    cap = min(n, -(-(k + max(128, k // 8)) // 64) * 64)
+    return _top_k_threshold(key, k, cap)
+  raise ValueError(f"method must be one of {TOP_K_METHODS}, got {method!r}")
+
+
 def _descending_order_of_keys(key: jax.Array) -> jax.Array:
   n = key.shape[-1]
   key = ~key  # ascending order of ~key = descending order of key
@@ -58,11 +277,18 @@ def ranks(scores: jax.Array, exclude: jax.Array | None = None) -> jax.Array:
   key = order_key(scores)
   if exclude is not None:
     key = jnp.where(exclude, jnp.int32(EXCLUDED_KEY), key)
-  order = _descending_order_of_keys(key)
+  order = _halves(_descending_order_of_keys, key)
   c, n = scores.shape
-  rows = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[:, None], (c, n))
+  # The inverse permutation as one flat scatter of distinct positions (~2x cheaper on XLA's CPU
+  # than the [rows, order] form).
   positions = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (c, n))
-  out = jnp.zeros((c, n), jnp.int32).at[rows, order].set(positions)
+  if c * n < 2**31:
+    flat = (order + (jnp.arange(c, dtype=jnp.int32) * n)[:, None]).reshape(-1)
+    out = jnp.zeros((c * n,), jnp.int32).at[flat].set(positions.reshape(-1),
+                                                      unique_indices=True).reshape(c, n)
+  else:
+    rows = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[:, None], (c, n))
+    out = jnp.zeros((c, n), jnp.int32).at[rows, order].set(positions)
   if exclude is not None:
     out = jnp.where(exclude, 0, out)
   return out
@@ -237,15 +463,55 @@ def uniform_rows(keys: jax.Array, n: int) -> jax.Array:
   return (x >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
-def top_unobserved(scores: jax.Array, exclude: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+def top_unobserved(scores: jax.Array, exclude: jax.Array, m: int, method: str = "auto"
+                   ) -> tuple[jax.Array, jax.Array]:
   """Each row's `m` best items that are not excluded, best first (ties: lower id first).
 
   scores [C, N] float, exclude bool [C, N]. Returns (items int32 [C, m], valid bool [C, m]);
-  valid is False in the slots beyond a row's number of non-excluded items.
+  valid is False in the slots beyond a row's number of non-excluded items. Excluded items score
+  -inf (tied with -inf scores, by id), in the library's order (`order_key`: -0.0 ties +0.0, NaN
+  below -inf), exactly `numpy.argsort(-masked, kind='stable')[:, :m]`; `method`: `top_k_keys`.
   """
-  masked = jnp.where(exclude, -jnp.inf, scores.astype(jnp.float32))
-  _, items = jax.lax.top_k(masked, m)
-  return items.astype(jnp.int32), ~jnp.take_along_axis(exclude, items, axis=-1)
+  key = order_key(jnp.where(exclude, -jnp.inf, scores.astype(jnp.float32)))
+  items = top_k_keys(key, m, method)
+  return items, ~jnp.take_along_axis(exclude, items, axis=-1)
+
+
+def chunk_positions(users: np.ndarray, chunk_size: int, num_items: int,
+                    excluded: tuple[np.ndarray, np.ndarray],
+                    held: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+  """Host-side, per chunk of `users` (length a multiple of chunk_size): the flat positions
+  row * num_items + item of the items in each user's row of the `excluded` CSR (indptr,
+  indices), minus its row of `held` if given, padded with chunk_size * num_items (out of range,
+  dropped by a scatter): int32 [num_chunks, E], E the largest count of a chunk.
+
+  A chunk's exclusion mask from these few positions replaces `sparse.row_mask`'s padded
+  [C, max_len] scatter (1.6 M updates per 1,024 users at CiteULike's longest training row) by
+  ~C x the mean row length.
+  """
+  if chunk_size * num_items >= 2**31:
+    raise ValueError("chunk_size * num_items must fit in int32")
+  users = np.asarray(users, np.int64)
+  ex_ptr, ex_idx = excluded
+  lengths = np.diff(ex_ptr)[users]
+  rows = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
+  offsets = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+  items = np.asarray(ex_idx, np.int64)[np.asarray(ex_ptr, np.int64)[users[rows]] + offsets]
+  if held is not None:
+    h_ptr, h_idx = held
+    keep = ~np.isin(users[rows] * num_items + items,
+                    np.repeat(np.arange(len(h_ptr) - 1, dtype=np.int64), np.diff(h_ptr))
+                    * num_items + np.asarray(h_idx, np.int64))
+    rows, items = rows[keep], items[keep]
+  chunk = rows // chunk_size
+  flat = (rows % chunk_size) * num_items + items
+  n_chunks = len(users) // chunk_size
+  counts = np.bincount(chunk, minlength=n_chunks)
+  out = np.full((n_chunks, max(int(counts.max(initial=0)), 1)), chunk_size * num_items, np.int64)
+  order = np.argsort(chunk, kind="stable")
+  offsets = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+  out[chunk[order], offsets] = flat[order]
+  return out.astype(np.int32)
 
 
 class TopLists:
@@ -254,32 +520,43 @@ class TopLists:
   `build(params)` computes the [U, m] table on device in user chunks when it fits in
   `budget_mb` (else returns an empty dict and stores nothing); `rows(table, params, users)`
   reads a batch's rows from the table, or computes them from `params` when there is none.
-  Both give identical rows.
+  Both give identical rows (`top_unobserved`). Over all users (`build`, `all_rows`), a chunk's
+  training items are masked from host-built positions (`chunk_positions`) rather than
+  `sparse.row_mask`'s padded scatter.
   """
 
   def __init__(self, score_all, train, num_users: int, num_items: int, m: int,
-               budget_mb: float = 2048, chunk: int = 256):
+               budget_mb: float = 2048, chunk: int = 256, method: str = "auto"):
     from kdrec_jax import sparse  # local import: sparse imports nothing from here
     if not 1 <= m <= num_items:
       raise ValueError(f"top-M list size must be in [1, {num_items}], got {m}")
     self.score_all, self.train, self._sparse = score_all, train, sparse
     self.num_users, self.num_items, self.m = num_users, num_items, int(m)
-    self.chunk = max(1, min(int(chunk), num_users))
+    self.chunk = max(1, min(int(chunk), num_users, (2**31 - 1) // num_items))
+    self.method = method
     self.stored = 5 * num_users * self.m <= budget_mb * 2**20  # int32 ids + bool validity
+    self.n_chunks = -(-num_users // self.chunk)
+    users = np.arange(self.n_chunks * self.chunk) % num_users
+    self._users = users.reshape(self.n_chunks, self.chunk).astype(np.int32)
+    self._positions = chunk_positions(users, self.chunk, num_items, (
+        np.asarray(train.indptr), np.asarray(train.indices)))
 
   def compute(self, params, users: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(items [B, m], valid [B, m]) for `users`, from `params`."""
     exclude = self._sparse.row_mask(self.train, users, self.num_items)
-    return top_unobserved(self.score_all(params, users), exclude, self.m)
+    return top_unobserved(self.score_all(params, users), exclude, self.m, self.method)
+
+  def _chunk(self, params, users: jax.Array, positions: jax.Array):
+    c, n = users.shape[0], self.num_items
+    exclude = jnp.zeros((c * n,), bool).at[positions].set(True, mode="drop").reshape(c, n)
+    return top_unobserved(self.score_all(params, users), exclude, self.m, self.method)
 
   def build(self, params) -> dict:
     """{'items' [U, m], 'valid' [U, m]} if stored, else {}."""
     if not self.stored:
       return {}
-    n_chunks = -(-self.num_users // self.chunk)
-    users = jnp.arange(n_chunks * self.chunk, dtype=jnp.int32) % self.num_users
-    items, valid = jax.lax.map(lambda u: self.compute(params, u),
-                               users.reshape(n_chunks, self.chunk))
+    items, valid = jax.lax.map(lambda xs: self._chunk(params, *xs),
+                               (jnp.asarray(self._users), jnp.asarray(self._positions)))
     return {"items": items.reshape(-1, self.m)[:self.num_users],
             "valid": valid.reshape(-1, self.m)[:self.num_users]}
 
@@ -290,13 +567,13 @@ class TopLists:
 
   def all_rows(self, table: dict, params, fn):
     """`fn(users [chunk], items, valid)` over all users in chunks (lax.map); outputs [U, ...]."""
-    n_chunks = -(-self.num_users // self.chunk)
-    users = jnp.arange(n_chunks * self.chunk, dtype=jnp.int32) % self.num_users
+    def one(xs):
+      u, positions = xs
+      if table:
+        return fn(u, *self.rows(table, params, u))
+      return fn(u, *self._chunk(params, u, positions))
 
-    def one(u):
-      return fn(u, *self.rows(table, params, u))
-
-    out = jax.lax.map(one, users.reshape(n_chunks, self.chunk))
+    out = jax.lax.map(one, (jnp.asarray(self._users), jnp.asarray(self._positions)))
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:self.num_users], out)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdrec_jax import metrics
+from kdrec_jax import metrics, ranking
 from kdrec_jax.data.interactions import Interactions
 
 NUM_USERS, NUM_ITEMS = 37, 53
@@ -264,3 +264,88 @@ def test_heldout_item_also_in_train_stays_a_candidate():
   scores = jnp.array([[3., 2., 9., 1.]], jnp.float32)
   got = metrics.evaluate(table_score, scores, data, ks=(1,))
   assert got["MRR"] == 0.5  # item 0 beats it; item 2 (train only) is excluded
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-pass evaluation (issue 27): bit for bit the previous metrics
+# ---------------------------------------------------------------------------------------------
+
+def exact_per_user(ev: metrics.Evaluator, scores: np.ndarray, exclude_other: bool
+                   ) -> dict[str, np.ndarray]:
+  """Per-user metrics from every held-out item's exact rank (numpy: stable argsort of -score
+  over the candidates) through the library's `ranking_metrics_from_ranks` (as the previous
+  path did, whose ranks agree wherever the metrics read them)."""
+  data, split = ev.data, ev.split
+  other = "val" if split == "test" else "test"
+  ranks, valid = np.zeros((ev.num_users, data.max_row_length(split)), np.int32), None
+  valid = np.zeros(ranks.shape, bool)
+  for j, u in enumerate(ev.users):
+    held = row(data, split, u)
+    excluded = set(row(data, "train", u)) | (set(row(data, other, u)) if exclude_other else set())
+    cand = np.array([i for i in range(data.num_items) if i not in excluded or i in held])
+    order = cand[np.argsort(-scores[u][cand], kind="stable")]
+    ranks[j, :len(held)] = [1 + np.flatnonzero(order == h)[0] for h in held]
+    valid[j, :len(held)] = True
+  return {n: np.asarray(v) for n, v in metrics.ranking_metrics_from_ranks(
+      jnp.asarray(ranks), jnp.asarray(valid), ev.ks).items()}
+
+
+@pytest.mark.parametrize("exclude_other", [True, False])
+def test_one_pass_evaluation_is_bit_identical_to_the_previous_path(exclude_other):
+  data = random_data(11)
+  evs = {s: metrics.Evaluator(data, s, ks=KS, chunk_size=8, exclude_other=exclude_other,
+                              average="all") for s in ("val", "test")}
+  joint = metrics.joint_evaluator(tuple(evs.values()))
+  assert joint._shares == ((-1, -1) if exclude_other else (-1, 0))
+  for special in (False, True):  # True: the chunks with NaN/inf scores take the fallback
+    scores = jnp.asarray(tied_scores(12, special=special))
+    both = joint.per_user(table_score, scores)
+    for split, ev in evs.items():
+      want = exact_per_user(ev, np.asarray(scores), exclude_other)
+      for name in want:
+        np.testing.assert_array_equal(both[split][name], want[name], err_msg=f"{split} {name}")
+    means = metrics.evaluate_splits(evs, table_score, scores)  # the same (cached) evaluator
+    assert means == {s: ev.means(both[s]) for s, ev in evs.items()}
+    if not exclude_other:  # one split alone: its own program, the same numbers
+      assert evs["test"](table_score, scores) == means["test"]
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_fast_full_ranks_equal_full_ranks_where_defined(seed):
+  rng = np.random.default_rng(seed)
+  data = random_data(seed)
+  scores = (rng.integers(0, 3, size=(NUM_USERS, NUM_ITEMS)) * 0.5).astype(np.float32)
+  scores[:, rng.random(NUM_ITEMS) < 0.2] = -0.0  # -0.0 ties +0.0
+  ev = metrics.Evaluator(data, "test", ks=(5,), chunk_size=NUM_USERS)
+  users = jnp.asarray(ev.users)
+  pos = ranking.chunk_positions(ev.users, len(ev.users), NUM_ITEMS, ev._excluded_np,
+                                ev._held_np)[0]
+  split = dict(flat=jnp.asarray(pos), held=ev._held, excluded=ev._excluded, share=-1)
+  both = jax.jit(lambda s: (metrics.fast_full_ranks(s, users, [split], 5)[0],
+                            metrics.full_ranks(s, users, ev._excluded, ev._held, 5)))
+  (got, valid), (want, valid2) = both(jnp.asarray(scores)[users])
+  got, want, valid = np.asarray(got), np.asarray(want), np.asarray(valid)
+  np.testing.assert_array_equal(valid, np.asarray(valid2))
+  top = valid & (want <= 5)
+  np.testing.assert_array_equal(got[top], want[top])
+  assert (got[valid & ~top] > 5).all()
+  big = np.where(valid, want, 10**9).min(axis=1)
+  np.testing.assert_array_equal(np.where(valid, got, 10**9).min(axis=1), big)  # MRR's rank
+
+
+def test_fast_full_ranks_count_special_candidates_without_fallback():
+  # The held-out item (7, score 0) ranks beyond k = 2, so its row needs no list and the count
+  # alone decides: +inf before it, NaN and -inf after, 0.0 / -0.0 ties by id, train excluded.
+  nan, inf = np.nan, np.inf
+  scores = np.array([[9., 8., inf, nan, -inf, 0.0, -0.0, 0.0, 0.0, -0.0, 1., -1., nan, inf, -5.,
+                      0.5]], np.float32)
+  data = Interactions.from_rows("sp", 16, [[0, 1, 13]], [[]], [[7]])
+  ev = metrics.Evaluator(data, "test", ks=(2,))
+  users = jnp.asarray(ev.users)
+  pos = ranking.chunk_positions(ev.users, 1, 16, ev._excluded_np, ev._held_np)[0]
+  split = dict(flat=jnp.asarray(pos), held=ev._held, excluded=ev._excluded, share=-1)
+  (got, _), = jax.jit(lambda s: metrics.fast_full_ranks(s, users, [split], 2))(scores)
+  # Before item 7: 2 (inf), 10 (1.), 15 (0.5), 5 and 6 (0.0 / -0.0, lower ids): rank 6.
+  assert int(got[0, 0]) == 6
+  _, want = reference_full(data, scores, "test", (2,))
+  assert math.isclose(1 / 6, want["MRR"][0])

@@ -6,6 +6,11 @@ The statistical tests use fixed PRNG keys, so they are deterministic; their thre
 """
 from __future__ import annotations
 
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -190,6 +195,124 @@ def test_bd_histogram_ranks_bound_the_weight_error():
   ratio = np.asarray(approx[1], np.float64) / np.where(exclude, 1.0, np.asarray(exact[1]))
   np.testing.assert_array_less(np.abs(np.log(np.where(exclude, 1.0, ratio))),
                                eps_e * err + 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# top-k (issue 27): exact against numpy's stable argsort
+# ---------------------------------------------------------------------------------------------
+
+TOPK_ROWS, TOPK_N = 6, 48
+TOPK_KS = (1, 12, 40, 48)  # 48 = the row length
+
+
+@functools.lru_cache(maxsize=None)
+def _top_k_fn(k, method, x64):
+  fn = jax.jit(lambda key: ranking.top_k_keys(key, k, method))
+  if not x64:
+    return fn
+
+  def with_x64(key):
+    with ranking.x64():
+      return fn(key)
+  return with_x64
+
+
+def _hyp_scores(data):
+  """Rows with many ties (a few integer levels), -inf exclusions and the odd special value."""
+  levels = data.draw(st.integers(1, 6))
+  ints = data.draw(hnp.arrays(np.int8, (TOPK_ROWS, TOPK_N), elements=st.integers(0, levels)))
+  scores = ints.astype(np.float32) * data.draw(st.sampled_from([1.0, -0.5, 1e-30, 3e30]))
+  excluded = data.draw(hnp.arrays(np.bool_, (TOPK_ROWS, TOPK_N)))
+  if data.draw(st.booleans()):  # special values in some entries
+    special = data.draw(hnp.arrays(np.int8, (TOPK_ROWS, TOPK_N), elements=st.integers(0, 9)))
+    values = np.array([np.inf, -np.inf, np.nan, -0.0, 0.0], np.float32)
+    scores = np.where(special < 5, values[np.minimum(special, 4)], scores)
+  return scores, excluded
+
+
+@hypothesis.settings(max_examples=20, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(st.data())
+def test_top_k_keys_property_matches_stable_argsort(data):
+  scores, excluded = _hyp_scores(data)
+  masked = np.where(excluded, -np.inf, scores)
+  key = ranking.order_key(jnp.asarray(masked))
+  order = np.argsort(-masked, axis=1, kind="stable")  # NaN last; -0.0 ties +0.0
+  k = data.draw(st.sampled_from(TOPK_KS))
+  method = data.draw(st.sampled_from(["lax", "threshold"]))
+  got = np.asarray(_top_k_fn(k, method, data.draw(st.booleans()))(key))
+  np.testing.assert_array_equal(got, order[:, :k])
+
+
+def test_top_k_threshold_fast_path_and_fallback_are_exact():
+  rng = np.random.default_rng(3)
+  n, k, cap = 1024, 150, 320  # cap: top_k_keys' for this k
+  scores = rng.normal(size=(16, n)).astype(np.float32)
+  scores[1] = np.round(scores[1], 1)  # ties at the k-th value, within the cap
+  scores[2, :] = 1.0  # all tied: no threshold isolates k..cap items, so the chunk falls back
+  excluded = rng.random((16, n)) < 0.2
+  masked = np.where(excluded, -np.inf, scores)
+  want = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+  key = ranking.order_key(jnp.asarray(masked))
+  fn = jax.jit(lambda key: ranking.top_k_keys(key, k, "threshold"))
+  np.testing.assert_array_equal(np.asarray(fn(key)), want)  # with the fallback (row 2)
+  np.testing.assert_array_equal(np.asarray(fn(key[3:])), want[3:])  # the fast path alone
+  t, done = jax.jit(lambda key: ranking._threshold_keys(key, k, cap, 24))(key[3:])
+  assert np.asarray(done).all()
+  counts = np.sum(np.asarray(key[3:]) >= np.asarray(t)[:, None], axis=1)
+  assert ((counts >= k) & (counts <= cap)).all()
+
+
+def test_key_floats_order_every_key_like_the_ints():
+  keys = np.array([ranking.EXCLUDED_KEY, ranking.EXCLUDED_KEY + 1, -2139095042, -2139095041,
+                   -5, -1, 0, 1, 7, 2139095040, 2139095041, 2**31 - 1], np.int32)
+  rng = np.random.default_rng(0)
+  row = rng.permutation(np.concatenate([keys, keys[::2]]))[None, :]
+  _, idx = jax.lax.top_k(ranking.key_floats(jnp.asarray(row)), row.shape[1])
+  np.testing.assert_array_equal(np.asarray(idx)[0], np.argsort(-row[0].astype(np.int64),
+                                                               kind="stable"))
+
+
+@hypothesis.settings(max_examples=20, deadline=None, derandomize=True)
+@hypothesis.given(hnp.arrays(np.bool_, (5, 70)), st.sampled_from([1, 16, 40, 70]))
+def test_compact_rows_matches_flatnonzero(mask, cap):
+  ids, count = jax.jit(ranking.compact_rows, static_argnums=1)(jnp.asarray(mask), cap)
+  for r in range(5):
+    want = np.flatnonzero(mask[r])[:cap]
+    np.testing.assert_array_equal(np.asarray(ids)[r, :len(want)], want)
+    assert (np.asarray(ids)[r, len(want):] == 70).all() and int(count[r]) == mask[r].sum()
+
+
+def test_chunk_positions_and_top_lists_match_numpy():
+  rng = np.random.default_rng(5)
+  u, n, m = 11, 40, 9
+  rows = [rng.choice(n, rng.integers(0, 35), replace=False) for _ in range(u)]
+  rows[3] = np.arange(n - 4)  # fewer unobserved items than m: invalid slots
+  data = Interactions.from_rows("t", n, rows, [[]] * u, [[]] * u)
+  indptr, indices = data.split("train")
+  pos = ranking.chunk_positions(np.arange(12) % u, 4, n, (indptr, indices))
+  for c in range(3):
+    got = set(pos[c][pos[c] < 4 * n].tolist())
+    want = {r * n + i for r in range(4) for i in rows[(4 * c + r) % u]}
+    assert got == want
+  scores = np.round(rng.normal(size=(u, n)), 1).astype(np.float32)
+  train = sparse.DeviceCSR.from_numpy(indptr, indices)
+  params = jnp.asarray(scores)
+  lists = ranking.TopLists(lambda p, users: p[users], train, u, n, m, chunk=4)
+  table = jax.jit(lists.build)(params)
+  excl = np.zeros((u, n), bool)
+  for r in range(u):
+    excl[r, rows[r]] = True
+  masked = np.where(excl, -np.inf, scores)
+  want = np.argsort(-masked, axis=1, kind="stable")[:, :m]
+  np.testing.assert_array_equal(np.asarray(table["items"]), want)
+  np.testing.assert_array_equal(np.asarray(table["valid"]), ~np.take_along_axis(excl, want, 1))
+  assert not np.asarray(table["valid"])[3, 4:].any()
+  items, valid = jax.jit(lambda p: lists.all_rows({}, p, lambda us, it, va: (it, va)))(params)
+  np.testing.assert_array_equal(np.asarray(items), want)
+  it2, va2 = lists.compute(params, jnp.arange(u))  # the row_mask path, for any users
+  np.testing.assert_array_equal(np.asarray(it2), want)
+  np.testing.assert_array_equal(np.asarray(va2), np.asarray(valid))
 
 
 # ---------------------------------------------------------------------------------------------

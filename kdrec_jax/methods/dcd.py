@@ -84,7 +84,7 @@ def correction_weights(rank_s: jax.Array, rank_t: jax.Array, temperature) -> tup
 def capped_ranks(scores: jax.Array, items: jax.Array, cap: int) -> jax.Array:
   """0-based ranks (ties: lower id first) of `items` [C, M] in each row of `scores` [C, N],
   exact below `cap` and `cap` for the items ranked at or beyond it."""
-  top = jax.lax.top_k(scores.astype(jnp.float32), cap)[1]
+  top = ranking.top_k_keys(ranking.order_key(scores), cap)
   rows = jnp.arange(scores.shape[0])[:, None]
   position = jnp.full(scores.shape, cap, jnp.int32).at[rows, top].set(
       jnp.arange(cap, dtype=jnp.int32))
