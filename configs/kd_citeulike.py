@@ -23,7 +23,7 @@ phase's) and `checkpoint_every=N`. E.g. the early-stopping diagnostics `:de,pati
 and `:ftd,patience=100,epochs=300`, and HTD resumable across sessions with
 `:htd,checkpoint_every=5 --config.max_epochs_per_run=20` (rerun the same command to continue).
 
-CD ablation on validation (issue 24; `CD_ABLATION` lists the arms as config arguments): the
+CD ablation on validation (`CD_ABLATION` lists the arms as config arguments): the
 benchmark's CD (`cd`: student-guided, lambda 0.5, pool P 3000, rank temperature T 20, t1 2, n 2)
 with one factor moved at a time: lambda 0.1 / 1 / 2, P 500 / 1000, T 1 / 0.1 (at T 20,
 q(r) ∝ exp(-r / (P T)) is nearly uniform over the pool: q(P) / q(1) = 0.95; at T 0.1 it is

@@ -267,7 +267,7 @@ def test_heldout_item_also_in_train_stays_a_candidate():
 
 
 # ---------------------------------------------------------------------------------------------
-# The one-pass evaluation (issue 27): bit for bit the previous metrics
+# The one-pass evaluation: bit for bit the previous metrics
 # ---------------------------------------------------------------------------------------------
 
 def exact_per_user(ev: metrics.Evaluator, scores: np.ndarray, exclude_other: bool

@@ -198,7 +198,7 @@ def test_bd_histogram_ranks_bound_the_weight_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# top-k (issue 27): exact against numpy's stable argsort
+# top-k: exact against numpy's stable argsort
 # ---------------------------------------------------------------------------------------------
 
 TOPK_ROWS, TOPK_N = 6, 48
