@@ -125,6 +125,7 @@ def custom_groups(data: Interactions) -> np.ndarray:
 
 @pytest.mark.parametrize("split,chunk_size,special,grouping", [
     ("test", 8, False, "custom"), ("test", 1024, True, "custom"), ("val", 6, True, "popularity")])
+@pytest.mark.slow
 def test_group_metrics_match_bruteforce(split, chunk_size, special, grouping):
   data = random_data()
   scores = tied_scores(special=special)
@@ -156,6 +157,7 @@ def test_group_metrics_match_bruteforce(split, chunk_size, special, grouping):
     assert means[name] == v, name
 
 
+@pytest.mark.slow
 def test_group_metrics_by_hand():
   # One user, 6 items; train item 0 excluded; held-out test items 2 (group 0) and 4 (group 1);
   # item 5 is in no group. Candidates by score: 5, 2, 1, 3, 4.
@@ -179,6 +181,7 @@ def test_group_metrics_by_hand():
     assert got[name] == pytest.approx(v, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_unkd_group_metrics_by_hand():
   """UnKD's definitions against ours on 3 users, 8 items, 2 groups (items 0-3: g0, 4-7: g1),
   K = 2 and 4; no training items, every item a candidate; scores rank items by id (0 best).
@@ -203,6 +206,7 @@ def test_unkd_group_metrics_by_hand():
     assert got[name] == pytest.approx(v, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_group_metrics_validation():
   data = random_data()
   with pytest.raises(ValueError, match="full"):

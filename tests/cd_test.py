@@ -39,6 +39,7 @@ def test_tournament_log_probs_closed_form():
   assert p[0] / p[-1] > 1000
 
 
+@pytest.mark.slow
 def test_best_of_two_until_distinct_equals_gumbel_top_n():
   """Simulates the reference loop (pairs of iid draws, keep the better, until 2 distinct) and
   the vectorised form; both match the exact ordered-pair probabilities."""
@@ -89,6 +90,7 @@ class SoftLabelTest(chex.TestCase):
     chex.assert_trees_all_close(got, want.astype(np.float32), rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_loss_matches_numpy(self):
     data = tiny_data()
     mods = {m: models.make(ml_collections.ConfigDict(dict(name="bpr_mf", dim=d, init_std=0.7)),
@@ -121,6 +123,7 @@ class SoftLabelTest(chex.TestCase):
     assert np.abs(np.asarray(g["student"]["item"])).sum() > 0
 
 
+@pytest.mark.slow
 def test_teacher_and_student_guided_pools(citeulike_file):
   for guide in ("teacher", "student"):
     cfg = kd_config(citeulike_file, "cd" if guide == "student" else "cd_teacher",

@@ -112,6 +112,7 @@ def test_refresh_weights_match_the_authors_loop(authors):
   assert np.all((under == 0) | (over == 0))
 
 
+@pytest.mark.slow
 def test_draws_follow_the_weights_without_replacement():
   """K = 2 of 5 positions ∝ w (one zero weight): successive sampling without replacement; the
   sorted form is the same draw in teacher order."""
@@ -143,6 +144,7 @@ def test_zero_weight_fill_as_torch_multinomial():
   assert np.asarray(valid)[1, got[1]].sum() == 3
 
 
+@pytest.mark.slow
 def test_loss_is_ucd_plus_icd_over_the_batch_unique_users_and_items(authors):
   """sample + loss inside the step's shard_map against the authors' loss on the drawn items:
   UCD over the batch's distinct users, ICD over its distinct positive items (padding rows
@@ -191,6 +193,7 @@ def test_loss_is_ucd_plus_icd_over_the_batch_unique_users_and_items(authors):
   assert float(aux["dcd_users"]) == 4 and float(aux["dcd_items"]) == 5
 
 
+@pytest.mark.slow
 def test_draws_change_every_step_and_follow_the_cached_weights(authors):
   """Per-batch draws (the authors draw in every batch from weights fixed for 3 epochs): two step
   keys give different draws; over many keys one user's under-estimated items follow its cached
@@ -217,6 +220,7 @@ def test_draws_change_every_step_and_follow_the_cached_weights(authors):
   assert abs(counts[top] / n - w[top] / w.sum()) < 5 * np.sqrt(w[top] / w.sum() / n)
 
 
+@pytest.mark.slow
 def test_kds_variant_reproduces_the_earlier_dcd(citeulike_file):
   """`variant='kds'` (configs `dcd_kds`): the refresh draws and a fixed batch's loss equal those
   of this library's DCD before the variants (recorded from that code, same keys)."""

@@ -85,6 +85,7 @@ def _inputs(n=5, seed=1):
 # The DE module, its loss and the schedule
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_init_shapes_and_pytorch_bounds():
   _, params = _module_and_params()
   ex = params["experts"]
@@ -108,6 +109,7 @@ def test_init_shapes_and_pytorch_bounds():
 class DETest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_forward_and_loss_match_numpy(self):
     module, params = _module_and_params()
     s, t, g, mask = _inputs()
@@ -160,6 +162,7 @@ class DETest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(hard), np.eye(M)[winner])
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_gradients(self):
     module, params = _module_and_params()
     s, t, g, mask = _inputs()
@@ -179,6 +182,7 @@ class DETest(chex.TestCase):
     chex.assert_tree_all_finite(hard(params, s))
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_all_slots_masked(self):
     module, params = _module_and_params()
     s, t, g, _ = _inputs()
@@ -234,6 +238,7 @@ def _on_one_device(fn):
 class MethodTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_method_loss_matches_numpy(self):
     cfg, models, method, params, batch = _method_setup()
     assert method.learners == ("student", "method") and method.teacher_to_student
@@ -273,6 +278,7 @@ class MethodTest(chex.TestCase):
     total = cfg.lambda_de * (expected["user"] + de_item)
     chex.assert_trees_all_close(terms, {"student": total, "method": total}, rtol=1e-5)
 
+  @pytest.mark.slow
   def test_gradients_per_learner_counted_once(self):
     """The step sums the learners' terms: the total's gradient is lambda_de grad L_DE for the
     student and the experts (once each), and zero for the teacher."""
@@ -303,6 +309,7 @@ class MethodTest(chex.TestCase):
     for m in ("student", "method"):
       assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(got[m])) > 0, m
 
+  @pytest.mark.slow
   def test_sample_all_padding(self):
     cfg, _, method, params, batch = _method_setup()
     batch = dict(batch, weight=jnp.zeros(8))
@@ -329,6 +336,7 @@ class MethodTest(chex.TestCase):
                                                              num_items=NUM_ITEMS))
 
 
+@pytest.mark.slow
 def test_expert_sizes_follow_representations():
   """NeuMF's representations are [GMF; MLP]: d + m per side."""
   def neumf(dim):

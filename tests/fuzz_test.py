@@ -77,6 +77,7 @@ def _check(cfg: dict, content: bytes, suffix: str = ".txt"):
     os.remove(path)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(_contents(_text(" ", 0)))
 def test_citeulike_reader(content):

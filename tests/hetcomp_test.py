@@ -96,6 +96,7 @@ def test_ndcg_gains_by_hand():
 class DistanceTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_matches_numpy(self):
     rng = np.random.default_rng(0)
     student = np.stack([rng.choice(30, 10, replace=False) for _ in range(50)]).astype(np.int32)
@@ -166,6 +167,7 @@ class EnsembleTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(got), want)
     assert np.asarray(ok).all()
 
+  @pytest.mark.slow
   def test_one_teacher_is_its_own_list_and_ties_go_to_the_lower_id(self):
     lists = jnp.array([[7, 3, 9, 1]])
     got, _ = hetcomp.ensemble([lists], [jnp.ones((1, 4), bool)], 4, 10.0)
@@ -192,6 +194,7 @@ def _loss_data(seed=3, b=3, n=14, k=10):
 class LossTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_overall_and_rank_match_numpy(self):
     z, observed, pos, top = _loss_data()
     ok_p, ok_t = np.ones(pos.shape, bool), np.ones(top.shape, bool)
@@ -200,6 +203,7 @@ class LossTest(chex.TestCase):
       want = [ref(z[r].astype(np.float64), observed[r], pos[r], top[r]) for r in range(3)]
       np.testing.assert_allclose(got, want, rtol=1e-5)
 
+  @pytest.mark.slow
   def test_gradients_are_finite_and_reach_only_listed_and_pooled_items(self):
     z, observed, pos, top = _loss_data(k=10)
     ok_p, ok_t = np.ones(pos.shape, bool), np.ones(top.shape, bool)
@@ -246,6 +250,7 @@ def het(citeulike_file):
   return cfg, data, ms, method, frozen, static, students
 
 
+@pytest.mark.slow
 def test_stage_lists_of_two_teachers_of_different_kinds(het):
   cfg, data, ms, method, frozen, static, _ = het
   assert method.refresh_every == cfg.method.period and method.refresh_reads == ("student",)
@@ -267,6 +272,7 @@ def test_stage_lists_of_two_teachers_of_different_kinds(het):
   np.testing.assert_array_equal(np.asarray(static["pos"]), want)
 
 
+@pytest.mark.slow
 def test_refresh_schedule_matches_numpy(het):
   """Period 2: epoch 0 keeps stage 0; epoch 2 records the distances; epoch 4 applies the rule;
   the knowledge is the ensemble of the lists at the users' stages."""
@@ -304,6 +310,7 @@ def test_refresh_schedule_matches_numpy(het):
   chex.assert_trees_all_equal(after, done)
 
 
+@pytest.mark.slow
 def test_batch_loss_switches_at_final(het):
   """Every (user, positive) row counts, padding does not: λ 2 Σ overall before the final stage,
   λ Σ rank after it."""

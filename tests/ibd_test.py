@@ -66,6 +66,7 @@ BASE = np.array([[1.0, 2.0, 3.0, 4.0, 0.0, 5.0]], np.float32)
 class IBDChexTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_pack_unpack(self):
     rng = np.random.default_rng(0)
     mask = rng.random((3, 70)) < 0.3  # 70 items: 3 words, the last one partial
@@ -80,6 +81,7 @@ class IBDChexTest(chex.TestCase):
                                   np.full((1, 2), 0xFFFFFFFF, np.uint32))
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_record_items_matches_numpy(self):
     """Pair batches: the bits of the (user, item) draws with ok, duplicates and all, OR-ed into
     what the record held."""
@@ -98,6 +100,7 @@ class IBDChexTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(got), np_pack(want))
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_record_rows_matches_numpy(self):
     """User batches: each row's 0/1 mask OR-ed into its user's record; a user may repeat (a
     padding row), rows without ok are skipped."""
@@ -166,6 +169,7 @@ class IBDChexTest(chex.TestCase):
     np.testing.assert_allclose(np.asarray(w), [[2.0, 6.0, 3.0, 4.0, 0.0, 20.0]])
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_round_stats_by_hand(self):
     d = np.concatenate([D, D])
     sampled = np.concatenate([SAMPLED, np.zeros_like(SAMPLED)])  # user 1 drew nothing
@@ -201,6 +205,7 @@ class IBDChexTest(chex.TestCase):
     assert np.isnan(float(empty["mean_d"])) and "mean_d_prev" not in empty
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_random_subset(self):
     rng = np.random.default_rng(3)
     eligible = rng.random((64, 50)) < 0.4
@@ -291,6 +296,7 @@ def _random_record(data, seed):
 
 @pytest.mark.parametrize("mode", [dict(), dict(strict=True, kappa=0.8), dict(gamma=0.5),
                                   dict(rank_sign="notebook")])
+@pytest.mark.slow
 def test_refresh_tables_are_bd_times_feedback(mode):
   data, mods, method, params, cfg = tiny_setup(**mode)
   beta = cfg.beta
@@ -334,6 +340,7 @@ def test_refresh_tables_are_bd_times_feedback(mode):
       chex.assert_trees_all_equal(new_carry["prev"], _np(snapshot))
 
 
+@pytest.mark.slow
 def test_over_budget_feedback_and_random_control():
   """Over the table budget the cache keeps G per user as bits and each step reweights its
   users' weights; CDAE masks drawn that way equal those drawn from the tables. The random
@@ -427,6 +434,7 @@ def _train(cfg, epochs: int, num_devices: int = 1):
   return _np(state), metrics, [_np(s) for s in stats]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cdae", [False, True])
 def test_beta_zero_is_bd_bit_for_bit(citeulike_file, cdae):
   """Same seed, 2 epochs (refreshes at 0, shallow, and 1, with feedback; strict and history

@@ -93,6 +93,7 @@ def _td_runs(root):
       json.dump({"phases": phases}, f)
 
 
+@pytest.mark.slow
 def test_table_is_written_between_the_markers_of_the_results_page(tmp_path):
   _td_runs(str(tmp_path / "td"))
   page = tmp_path / "td.md"

@@ -45,6 +45,7 @@ def test_bpr_loss_golden():
                              math.log(2.0), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bpr_loss_zero_weight_drops_term():
   pos = jnp.array([2.0, -30.0, -1.0])
   neg = jnp.array([1.0, 30.0, 1.0])  # the middle term alone would be ~60
@@ -58,6 +59,7 @@ def test_bpr_loss_zero_weight_drops_term():
   np.testing.assert_allclose(np.asarray(g)[[0, 2]], -(1 - _sigmoid([1.0, -2.0])), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_model_cf_loss_matches_numpy():
   cfg = ml_collections.ConfigDict(dict(name="bpr_mf", dim=3, init_std=0.5))
   model = models.make(cfg, num_users=4, num_items=6)
@@ -169,6 +171,7 @@ def test_discrepancy_weights_notebook_swaps_sign():
     bd.discrepancy_weights(jnp.asarray(rank_t), jnp.asarray(rank_s), 0.1, 0.02, "bogus")
 
 
+@pytest.mark.slow
 def test_discrepancy_weights_three_item_example():
   teacher = jnp.array([[5.0, 1.0, 3.0]])
   student = jnp.array([[1.0, 5.0, 3.0]])
@@ -329,10 +332,12 @@ class BDChexTest(chex.TestCase):
                                 atol=1e-7)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_bd_loss_pairs(self):
     check_bd_loss_matches_numpy(self.variant)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_bd_loss_user_batches(self):
     check_bd_loss_user_batches_matches_numpy(self.variant)
 
@@ -394,6 +399,7 @@ def test_log_sigmoid_loss_golden():
       [1.0, 0.0, 0.5]))), want[0] + 0.5 * want[2], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_relaxed_ranking_loss_golden():
   rng = np.random.default_rng(0)
   s, b = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
@@ -433,6 +439,7 @@ _ALL_LOSSES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_ALL_LOSSES))
 def test_all_masked_is_zero_with_finite_gradients(name):
   """Every loss: entries excluded by `where` contribute exactly 0 and get zero, finite

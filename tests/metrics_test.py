@@ -114,6 +114,7 @@ def test_order_key_matches_numpy_stable_argsort():
   assert key.min() > np.iinfo(np.int32).min  # every real score is above the excluded key
 
 
+@pytest.mark.slow
 def test_ranking_metrics_from_ranks_by_hand():
   ranks = jnp.array([[3, 7], [1, 2], [2, 9], [4, 0]])
   valid = jnp.array([[True, False], [True, True], [True, True], [False, False]])
@@ -131,6 +132,7 @@ def test_ranking_metrics_from_ranks_by_hand():
       "HR@1", "Recall@1", "NDCG@1", "HR@5", "Recall@5", "NDCG@5", "MRR")
 
 
+@pytest.mark.slow
 def test_tiny_hand_derived_full_and_sampled():
   # One user, 5 items, the held-out item 2 has the third best score.
   data = Interactions.from_rows("tiny", 5, [[]], [[]], [[2]])
@@ -151,6 +153,7 @@ def test_tiny_hand_derived_full_and_sampled():
 
 @pytest.mark.parametrize("split,chunk_size,special", [
     ("test", 8, False), ("val", 5, False), ("test", 1024, True), ("val", 6, True)])
+@pytest.mark.slow
 def test_full_matches_bruteforce(split, chunk_size, special):
   data = random_data()
   scores = tied_scores(special=special)
@@ -174,6 +177,7 @@ def test_full_rank_beyond_max_k_is_exact_for_mrr():
   assert np.any(want["MRR"] < 0.5)  # some best ranks lie beyond max(ks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("special", [False, True])
 def test_sampled_matches_bruteforce(special):
   data = random_data(5)

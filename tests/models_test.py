@@ -56,6 +56,7 @@ def _tiny_model(name, data, **overrides):
 # interface
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_shapes(name, tiny):
   model = _tiny_model(name, tiny)
@@ -197,6 +198,7 @@ def test_lightgcn_two_users_three_items():
                                want_u @ want_i.T, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_lightgcn_matches_dense_on_tiny(tiny):
   model = _tiny_model("lightgcn", tiny)  # users/items of degree 0 included (item 7)
   params = model.init(jax.random.key(2))
@@ -214,6 +216,7 @@ def _cdae_numpy(p, rows, users):
   return (1 / (1 + np.exp(-pre))) @ p["dec"]["w"] + p["dec"]["b"]
 
 
+@pytest.mark.slow
 def test_cdae_forward_by_hand():
   # 1 user x 2 items, d = 1, the user's row is {item 1}:
   # pre = w_enc[1] + b_enc + v_u = 2 + 0.5 - 1 = 1.5, h = sigmoid(1.5); z = (3h + 0.1, -h + 0.2).
@@ -237,6 +240,7 @@ def test_cdae_forward_by_hand():
                                       rel=1e-6)
 
 
+@pytest.mark.slow
 def test_cdae_dropout_matches_numpy(tiny):
   model = _tiny_model("cdae", tiny)
   params = model.init(jax.random.key(5))
@@ -275,6 +279,7 @@ def _assert_gradient_matches_finite_differences(loss, params, rng):
   assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_cdae_loss_gradient_matches_finite_differences(tiny):
   """Through the training forward (dropout with fixed keys) and the masked BCE."""
   model = _tiny_model("cdae", tiny)
@@ -291,6 +296,7 @@ def test_cdae_loss_gradient_matches_finite_differences(tiny):
     _assert_gradient_matches_finite_differences(loss, params, rng)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PAIR_NAMES)
 def test_cf_loss_gradient_matches_finite_differences(name, tiny):
   model = _tiny_model(name, tiny)
@@ -311,6 +317,7 @@ def test_cf_loss_gradient_matches_finite_differences(name, tiny):
                                             ("neumf", {"item_chunk": 3}),
                                             ("neumf", {"item_chunk": 8}),
                                             ("neumf", {"item_chunk": 100})])
+@pytest.mark.slow
 def test_score_all_matches_score(name, overrides, tiny):
   model = _tiny_model(name, tiny, **overrides)
   params = model.init(jax.random.key(4))
@@ -351,6 +358,7 @@ def test_prepare_is_identity_except_lightgcn(tiny):
     assert model.prepare(params) is params, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_l2", [0.0, 0.3])
 def test_lightgcn_prepared_params_give_the_same_results_and_gradients(batch_l2, tiny):
   model = _tiny_model("lightgcn", tiny, batch_l2=batch_l2)

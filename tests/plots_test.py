@@ -48,6 +48,7 @@ def legend_texts(ax) -> list[str]:
   return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
+@pytest.mark.slow
 def test_validation_curves_bd_vs_control(tmp_path):
   out = str(tmp_path / "curves.png")
   fig = plots.validation_curves(BD, out=out)

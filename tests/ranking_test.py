@@ -97,6 +97,7 @@ def tied_scores(rows=9, n=37, seed=0):
   return scores, exclude
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_x64", [False, True])
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_ranks_match_numpy(use_x64, use_jit):
@@ -131,6 +132,7 @@ def test_ranks_identical_with_and_without_x64():
   np.testing.assert_array_equal(np.asarray(plain), np_ranks(scores, exclude))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_x64", [False, True])
 def test_descending_order_matches_stable_argsort(use_x64):
   scores, _ = tied_scores(rows=5, n=23, seed=3)
@@ -147,6 +149,7 @@ def test_descending_order_matches_stable_argsort(use_x64):
   np.testing.assert_array_equal(np.asarray(got3).reshape(5, 23), expected)
 
 
+@pytest.mark.slow
 def test_ranks_special_values_follow_stable_argsort():
   scores = np.array([[0.0, -0.0, 0.0, np.nan, 1.0, -np.inf]], np.float32)
   # numpy: 1.0 first, then the three zeros by id, then -inf, NaN last.
@@ -155,6 +158,7 @@ def test_ranks_special_values_follow_stable_argsort():
                                 np_ranks(scores))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("buckets", [1, 3, 64, 8192])
 def test_histogram_ranks_within_their_bound(buckets):
   """Every approximate rank is within its returned bound of the exact rank; the bound is half
@@ -177,6 +181,7 @@ def test_histogram_ranks_within_their_bound(buckets):
     assert np.mean(bound[4] == 0) > 0.9 and np.all(np.abs(got[4] - exact[4]) <= 1)
 
 
+@pytest.mark.slow
 def test_bd_histogram_ranks_bound_the_weight_error():
   """BD's weights from histogram ranks: the student's differ by at most eps_t times the two
   ranks' bounds, the teacher's by a factor within exp(+-eps_e times them)."""
@@ -346,6 +351,7 @@ def test_searchsorted_rows_matches_numpy(n):
   np.testing.assert_array_equal(np.asarray(got), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8, 9, 32, 33])
 def test_searchsorted_rows_at_total_clamps(n):
   """value >= the row total returns N-1, as documented (N = 1 and non-powers of two included)."""
@@ -364,6 +370,7 @@ WEIGHTS = np.array([[0.0, 3.0, 1.0, 0.0, 0.5, 2.0, 0.0, 1.5, 1.0, 0.0],
                     [0.0] * 10], np.float32)
 
 
+@pytest.mark.slow
 def test_sample_from_cdf_frequencies():
   cdf = jnp.asarray(np.cumsum(WEIGHTS, axis=1))
   rows = jnp.array([0, 2, 0, 1, 2, 0, 1, 0], jnp.int32)
@@ -391,6 +398,7 @@ def test_weights_cdf_is_monotone_and_gives_zero_weights_no_interval():
   np.testing.assert_allclose(cdf, np.cumsum(w.astype(np.float64), axis=1), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sample_from_cdf_never_draws_zero_weight_items():
   """Draws at the top of the range (u * total rounds up to total) and everywhere else never
   land on a zero-weight item, interior or trailing."""
@@ -407,6 +415,7 @@ def test_sample_from_cdf_never_draws_zero_weight_items():
   np.testing.assert_allclose(np.mean(items[0] == 11), 5 / 6, atol=0.005)
 
 
+@pytest.mark.slow
 def test_sample_from_weights_frequencies():
   weights = jnp.asarray(WEIGHTS[[0, 2, 1, 0]])
   keys = jax.random.split(jax.random.key(1), 4)
@@ -437,6 +446,7 @@ def test_sparse_contains_matches_python_sets():
   np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.slow
 def test_uniform_negatives_avoid_positives_and_are_uniform():
   num_items = 40
   # the third user has 62% of the items: rejection sampling with a few tries returned one of
@@ -532,6 +542,7 @@ def np_bd_weights(mods, data, snapshot, cfg, user):
     dict(mask_positives=False, rank_sign="notebook"),
     dict(mask_positives=False, rank_sign="notebook", positive_scores="zero"),  # the notebooks
 ])
+@pytest.mark.slow
 def test_bd_sampler_frequencies(mode):
   data, mods, method, snapshot, cfg = bd_setup(**mode)
   with ranking.x64():
@@ -558,6 +569,7 @@ def test_bd_sampler_frequencies(mode):
       assert_frequencies(items, w)
 
 
+@pytest.mark.slow
 def test_bd_draws_follow_the_weights():
   """'draws': the refresh pre-draws each training pair's BD items for every epoch of the period,
   i.i.d. from its user's weights; a step reads its pairs' row for its epoch."""
@@ -644,6 +656,7 @@ def assert_inclusion(mask: np.ndarray, q: np.ndarray) -> None:
   assert np.abs(z).max() < 4.5, (freq[mid], q[mid])
 
 
+@pytest.mark.slow
 def test_uniform_rows_are_uniform_and_keyed():
   keys = jax.random.split(jax.random.key(0), 64)
   u = np.asarray(ranking.uniform_rows(keys, 5000), np.float64)
@@ -679,6 +692,7 @@ def test_draws_mask_inclusion_frequencies():
     assert np.asarray(mask).sum(1).mean() == pytest.approx(np.sum(1 - (1 - p) ** k), rel=0.01)
 
 
+@pytest.mark.slow
 def test_draws_mask_edge_rows():
   weights = jnp.asarray([[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
   draws = jnp.asarray([4, 1, 0, 5])
@@ -691,6 +705,7 @@ def test_draws_mask_edge_rows():
   assert np.isfinite(mask).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [2048, 0])
 def test_bd_sampler_user_batches(budget):
   """User-batched models: each user's mask holds num_samples * |I+_u| draws per direction."""

@@ -65,6 +65,7 @@ class ClosureWeightsTest(chex.TestCase):
     np.testing.assert_allclose(np.asarray(got)[0], [0.3, 0.3, 0.2, 0.2, 0.1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_closure_sample_draws_without_replacement_by_weight():
   """Two positions of four, successively ∝ exp((min(c, cap) + 1) / T): exact ordered pairs."""
   hits = jnp.array([[False, True, False, True]])
@@ -78,6 +79,7 @@ def test_closure_sample_draws_without_replacement_by_weight():
 class CrossEntropyTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_soft_cross_entropy_matches_numpy(self):
     rng = np.random.default_rng(1)
     t = rng.normal(0, 3, (4, 7)).astype(np.float32)
@@ -88,6 +90,7 @@ class CrossEntropyTest(chex.TestCase):
     want = [np_soft_ce(t[r][valid[r]], s[r][valid[r]]) for r in range(4)]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
+  @pytest.mark.slow
   def test_gradient_reaches_the_student_only(self):
     t, s = jnp.array([[1.0, 2.0, 0.5]]), jnp.array([[0.2, -0.1, 0.3]])
     valid = jnp.ones((1, 3), bool)
@@ -98,6 +101,7 @@ class CrossEntropyTest(chex.TestCase):
     p = jax.nn.softmax(t)
     np.testing.assert_allclose(np.asarray(gs), np.asarray(jax.nn.softmax(s) - p), rtol=1e-5)
 
+  @pytest.mark.slow
   def test_rce_loss_mixes_by_overlap(self):
     rng = np.random.default_rng(2)
     zt_s, zs_s = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
@@ -122,6 +126,7 @@ def _setup(citeulike_file, **overrides):
   return cfg, exp, params, static, cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask_positives", [False, True])
 def test_refresh_sets_match_numpy(citeulike_file, mask_positives):
   cfg, exp, params, static, cache = _setup(citeulike_file, method__mask_positives=mask_positives)
@@ -148,6 +153,7 @@ def test_refresh_sets_match_numpy(citeulike_file, mask_positives):
     assert float(cache["overlap"][u]) == len(set(t_top[u]) & set(inter[u]))
 
 
+@pytest.mark.slow
 def test_loss_sums_rows_over_explicit_sets(citeulike_file):
   """sample + loss: every (user, positive) row counts (duplicates too, padding not), λ times the
   numpy loss from the cached sets."""

@@ -71,6 +71,7 @@ def np_rd_loss(top, weights, row_weight) -> float:
 class WeightsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_position_weights_hand_values(self):
     fn = self.variant(rd.position_weights, static_argnums=(0, 1))
     # exp(-1), exp(-2), exp(-3) over their sum = 1 / (1 + e^-1 + e^-2) * (1, e^-1, e^-2).
@@ -102,6 +103,7 @@ class WeightsTest(chex.TestCase):
       np.testing.assert_array_equal(fn(top, samples, n), np_estimated_ranks(top, samples, n))
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_rd_weights_match_numpy(self):
     rng = np.random.default_rng(1)
     b, k, eps, n = 7, 5, 7, 150
@@ -130,6 +132,7 @@ class WeightsTest(chex.TestCase):
     assert np.all(np.asarray(got)[0] == 0)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_static_weights_before_the_dynamic_ones(self):
     rng = np.random.default_rng(2)
     top = rng.normal(size=(4, 6)).astype(np.float32)
@@ -157,6 +160,7 @@ class WeightsTest(chex.TestCase):
                                math.log(2.0), rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_weights_are_constants(self):
     rng = np.random.default_rng(4)
     top = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
@@ -222,6 +226,7 @@ def _train_rows(data):
   return [set(indices[indptr[u]:indptr[u + 1]].tolist()) for u in range(data.num_users)]
 
 
+@pytest.mark.slow
 def test_teacher_top_k_is_unobserved_and_matches_argsort():
   data, cfg, models, method, params = _setup()
   static = _prepare(method, params["teacher"])
@@ -238,6 +243,7 @@ def test_teacher_top_k_is_unobserved_and_matches_argsort():
   assert valid[6].sum() == 3 and not valid[7].any()
 
 
+@pytest.mark.slow
 def test_over_budget_rows_equal_table_rows():
   *_, stored, params = _setup()
   *_, computed, _ = _setup(budget_mb=0)
@@ -252,6 +258,7 @@ def test_over_budget_rows_equal_table_rows():
   np.testing.assert_array_equal(a["items"], np.asarray(s_table["items"])[users])
 
 
+@pytest.mark.slow
 def test_dynamic_samples_avoid_positives_and_are_uniform():
   data, cfg, _, method, params = _setup(num_dynamic_samples=20)
   static = _prepare(method, params["teacher"])
@@ -270,6 +277,7 @@ def test_dynamic_samples_avoid_positives_and_are_uniform():
     assert stat < stats.chi2.ppf(0.999, free.sum() - 1), (u, stat)
 
 
+@pytest.mark.slow
 def test_uniform_unobserved_edge_rows():
   rows = [np.array([], np.int64), np.arange(5), np.array([0, 1, 2, 4]), np.array([4])]
   indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
@@ -339,6 +347,7 @@ def test_authors_defaults():
     rd.make(old, models, data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epoch", [0, 2])
 @pytest.mark.parametrize("setting", ["authors", "renormalized"])
 def test_method_loss_matches_numpy(epoch, setting):
@@ -362,6 +371,7 @@ def test_method_loss_matches_numpy(epoch, setting):
   assert not np.isclose(switched, float(out["student"]), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gradient_reaches_the_student_only():
   _, cfg, _, method, params = _setup()
   static = _prepare(method, params["teacher"])
@@ -377,6 +387,7 @@ def test_gradient_reaches_the_student_only():
   assert np.any(np.asarray(grads["student"]["item"]) != 0)
 
 
+@pytest.mark.slow
 def test_all_masked_batch_gives_zero_loss_and_finite_gradients():
   _, cfg, _, method, params = _setup()
   static = _prepare(method, params["teacher"])

@@ -80,6 +80,7 @@ def test_force_resume_flag_reaches_the_run(tmp_path):
   assert "config override" not in proc.stderr and "config key" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_busy_workdir_is_refused(citeulike_file, tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
@@ -90,6 +91,7 @@ def test_busy_workdir_is_refused(citeulike_file, tmp_path):
   assert "warmup" in _stopped_run(citeulike_file, workdir, epochs=2)["phases"]
 
 
+@pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back(citeulike_file, tmp_path):
   full = train.train_and_evaluate(_cfg(citeulike_file), str(tmp_path / "full"))
   workdir = str(tmp_path / "run")
@@ -125,6 +127,7 @@ def _launch(*args):
     (("--config", "configs/bd_bpr_citeulike.py:quick", "--config.force_resume=maybe"),
      "--config.force_resume takes True or False, got 'maybe'"),
 ])
+@pytest.mark.slow
 def test_command_line_mistakes_are_one_line(tmp_path, args, message):
   proc = _launch(*args, "--workdir", str(tmp_path / "run"))
   assert proc.returncode != 0

@@ -33,6 +33,7 @@ def np_relaxed_ranking(ordered, ordered_valid, below, below_valid):
 class RelaxedRankingTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_matches_numpy(self):
     rng = np.random.default_rng(0)
     ordered = rng.normal(0, 3, (4, 5)).astype(np.float32)
@@ -54,6 +55,7 @@ class RelaxedRankingTest(chex.TestCase):
                                 rtol=1e-5)  # float32 cancellation at logits of 500
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_all_masked_is_zero_with_finite_gradients(self):
     f = lambda s, b: jnp.sum(rrd.relaxed_ranking_loss(  # noqa: E731
         s, jnp.zeros((2, 3), bool), b, jnp.zeros((2, 4), bool)))
@@ -72,6 +74,7 @@ def test_gumbel_top_k_rows_draws_without_replacement():
   assert_ordered_pairs(np.asarray(draws), w)
 
 
+@pytest.mark.slow
 def test_uniform_distinct_is_uniform_over_allowed_items():
   n, num_items, k = 20_000, 12, 4
   banned = np.array([0, 3, 4, 11])
@@ -95,6 +98,7 @@ def test_uniform_distinct_is_uniform_over_allowed_items():
   assert np.sum((set_counts - expected) ** 2 / expected) < 110.0  # chi2(69) 0.999 ≈ 111.1
 
 
+@pytest.mark.slow
 def test_rrd_refresh_sets(citeulike_file):
   cfg = kd_config(citeulike_file, "rrd", num_devices=1)
   exp = train.Experiment(cfg)
@@ -133,6 +137,7 @@ def test_rrd_interesting_positions_follow_exp_rank():
   assert_ordered_pairs(np.asarray(pos), np.exp(np.asarray(logp, np.float64)))
 
 
+@pytest.mark.slow
 def test_dcd_capped_ranks_and_weights_equal_the_full_ranking():
   rng = np.random.default_rng(1)
   c, n, m, temp = 6, 300, 40, 2.0
@@ -159,6 +164,7 @@ class CorrectionWeightsTest(chex.TestCase):
     chex.assert_trees_all_close(over, jnp.array([1e-5, 1e-5, 1e-5, np.tanh(1.0)]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_dcd_refresh_draws_from_the_teacher_list(citeulike_file):
   cfg = kd_config(citeulike_file, "dcd_kds", num_devices=1)
   exp = train.Experiment(cfg)
@@ -202,6 +208,7 @@ def test_unique_user_losses_4_devices_match_1(citeulike_file, method):
     assert exp.data.num_items <= float(m1["dcd_items"]) <= exp.num_examples
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rrd", "dcd_kds"])
 def test_loss_sums_over_the_batch_unique_users(citeulike_file, method):
   """sample + loss inside the step's shard_map: each distinct user of the batch once (padding

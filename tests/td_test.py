@@ -142,6 +142,7 @@ R2, R5, R10 = math.sqrt(2), math.sqrt(5), math.sqrt(10)
 class LossTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_cosine_sim_and_zero_rows(self):
     fn = self.variant(ftd.cosine_sim)
     a = jnp.array([[3.0, 4.0], [0.0, 0.0]])
@@ -164,6 +165,7 @@ class LossTest(chex.TestCase):
       chex.assert_trees_all_close(value, 4.0, rtol=1e-6)
 
   @parameterized.parameters("auto", "gram", "pairs")
+  @pytest.mark.slow
   def test_ftd_forms_match_numpy_and_gradients(self, form):
     # A batch-sized case (n = 600 > d_S + d_T, 'auto' = 'gram') with a fifth of it padding.
     rng = np.random.default_rng(3)
@@ -180,6 +182,7 @@ class LossTest(chex.TestCase):
       ftd.ftd_loss(s, t, mask, form="dense")
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_ftd_matches_numpy(self):
     s, t, _, mask = _inputs()
     fn = self.variant(ftd.ftd_loss)
@@ -192,6 +195,7 @@ class LossTest(chex.TestCase):
     chex.assert_trees_all_close(fn(s, t, np.ones_like(mask)), np_ftd(s, t, np.ones_like(mask)),
                                 rtol=1e-5)
 
+  @pytest.mark.slow
   def test_ftd_gram_near_equal_topologies_against_float64(self):
     """Near-equal student and teacher topologies (the student a rotation of the teacher plus
     small noise), where the unguarded a - 2b + c is mostly float32 rounding: the guarded Gram
@@ -213,6 +217,7 @@ class LossTest(chex.TestCase):
       np.testing.assert_allclose(grad, want_grad, atol=1e-3 * np.abs(want_grad).max())
       assert not np.any(grad[~mask])
 
+  @pytest.mark.slow
   def test_ftd_gram_guard_bound(self):
     """Over a sweep from unrelated to near-equal topologies: wherever the guard trusts the Gram
     form (value >= GRAM_GUARD (a + 2b + c)) its float32 value is within 1e-4 of float64, and the
@@ -241,6 +246,7 @@ class LossTest(chex.TestCase):
         assert got == float(raw)  # both jitted: the same program as before the guard
     assert 3 <= trusted <= 7  # the sweep crosses the guard
 
+  @pytest.mark.slow
   def test_ftd_guard_keeps_the_gram_bits_at_the_protocol_shape(self):
     """At the RCE-KD protocol's shape (6,144 entity slots, d 20 + 400) the guarded Gram form's
     value and gradient are bit for bit the unguarded one's (XLA compiles the same arithmetic;
@@ -255,6 +261,7 @@ class LossTest(chex.TestCase):
                                     jax.jit(f(unguarded_gram))(s, t, mask))
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_htd_topology_golden(self):
     fn = self.variant(htd.topology_loss, static_argnums=(4, 5))
     # Entity level: only the pair (0, 1) of group 0 in both orders (t sim 1/sqrt2 > 0, s sim 0);
@@ -271,6 +278,7 @@ class LossTest(chex.TestCase):
                                                        choice), rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_htd_topology_matches_numpy(self):
     fn = self.variant(htd.topology_loss, static_argnums=(4, 5))
     for seed in (1, 2):
@@ -293,6 +301,7 @@ class LossTest(chex.TestCase):
     np.testing.assert_array_equal(protos[2:4], 0.0)  # no 0/0
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_gradients(self):
     s, t, groups, mask = _inputs()
 
@@ -396,6 +405,7 @@ def _np_stacked(params, batch):
 
 class MethodTest(chex.TestCase):
 
+  @pytest.mark.slow
   def test_entity_sets(self):
     _, _, method, _, batch, _ = _setup("ftd")
     sets = jax.jit(_on_one_device(lambda b: method.sample({}, b, None, jax.random.key(0))))(batch)
@@ -407,6 +417,7 @@ class MethodTest(chex.TestCase):
       np.testing.assert_array_equal(sets[side]["ids"][len(want):], 0)
 
   @chex.variants(with_jit=True)  # the losses' eager variants: LossTest
+  @pytest.mark.slow
   def test_ftd_term_matches_numpy(self):
     cfg, _, method, params, batch, hp = _setup("ftd")
     assert method.learners == ("student",) and set(method.hparams) == {"lambda_td"}
@@ -430,6 +441,7 @@ class MethodTest(chex.TestCase):
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(grads))
 
   @chex.variants(with_jit=True)  # the losses' eager variants: LossTest
+  @pytest.mark.slow
   def test_htd_term_matches_numpy(self):
     cfg, _, method, params, batch, hp = _setup("htd")
     assert method.learners == ("student", "method")
@@ -463,6 +475,7 @@ class MethodTest(chex.TestCase):
     total = cfg.lambda_td * (cfg.alpha * (entity + group) + (1 - cfg.alpha) * ga)
     chex.assert_trees_all_close(terms, {"student": total, "method": total}, rtol=1e-5)
 
+  @pytest.mark.slow
   def test_htd_gradients_per_learner(self):
     """The step sums the learners' terms: the teacher gets nothing, the student and the GA
     networks learn, counted once (the sum's gradient is the student term's); with alpha = 1 the

@@ -78,6 +78,7 @@ def np_reference_kd_sampling(rng, weights: np.ndarray, dis_n: int, reps: int):
 class SamplerTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_truncated_geometric_frequencies(self):
     n, temp = 6, 2.0
     u = jax.random.uniform(jax.random.key(0), (20_000,))
@@ -90,6 +91,7 @@ class SamplerTest(chex.TestCase):
     assert np.all(np.asarray(one) == 0)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_pairs_follow_the_closed_form_without_ties(self):
     n, temp, rows = 6, 2.0, 10_000
     # Per row three slots: 6 positions, 1 position (no untied pair exists) and 2 positions.
@@ -116,6 +118,7 @@ class SamplerTest(chex.TestCase):
     # The slots of one row are independent draws: the two 6-position slots differ somewhere.
     assert np.any(cells[:rows] != cells[rows:])
 
+  @pytest.mark.slow
   def test_reference_swap_against_a_port_of_the_authors_loop(self):
     """swap='reference' against the exact cell probabilities and a numpy port of
     `sample.py::UnKD.KD_sampling` (its 0-d-view swap written out); half the pairs degenerate."""
@@ -153,6 +156,7 @@ class SamplerTest(chex.TestCase):
       unkd.sample_pairs(keys[:2], jnp.full((2, 1), n, jnp.int32), temp, swap="fixed")
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_group_lists_match_numpy_argsort(self):
     rng = np.random.default_rng(0)
     c, n, length = 7, 30, 6
@@ -201,6 +205,7 @@ class LossTest(chex.TestCase):
     assert all(float(jnp.abs(g).sum()) == 0 for g in grads)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_method_loss_matches_numpy(self):
     data = tiny_data()
     mods = {m: models.make(ml_collections.ConfigDict(dict(name="bpr_mf", dim=d, init_std=0.7)),
@@ -232,6 +237,7 @@ class LossTest(chex.TestCase):
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g["teacher"]))
     assert np.abs(np.asarray(g["student"]["item"])).sum() > 0
 
+  @pytest.mark.slow
   def test_reference_degenerate_pairs_against_the_authors_loss(self):
     """A port of `sample.py::UnKD.sample_diff` (mean over a row's pairs of
     -log(sigma(z_p - z_n) + 1e-10)) on rows holding (better, better) pairs: each adds log 2 to
@@ -269,6 +275,7 @@ class LossTest(chex.TestCase):
     assert float(jnp.abs(g["user"][3]).sum()) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("swap", ["reference", "intended"])
 def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file, swap):
   for budget in (2048, 0):  # lists stored once, or recomputed from the teacher every refresh
@@ -316,6 +323,7 @@ def test_prepare_and_refresh_on_the_synthetic_data(citeulike_file, swap):
   assert not np.array_equal(np.asarray(again["pos"]), pos)
 
 
+@pytest.mark.slow
 def test_intended_swap_reproduces_the_earlier_unkd(citeulike_file):
   """pair_swap='intended' draws exactly this library's UnKD pairs before the switch (recorded
   from that code, same keys); 'reference' keeps the positives and, in about half the slots,
