@@ -4,7 +4,7 @@ Systems 44(3), 2023).
 The paper keeps BD's loss and changes which items are distilled: a *shallow* stage of plain BD,
 then *multiple distillation* rounds in which items that were sampled for a user and are still not
 corrected are distilled again. Its equations are not public; the formalisation below is ours
-(methods_spec.md §3). It reduces exactly to BD when beta = 0 (bit for bit, same seed).
+(docs/methods/ibd.md). It reduces exactly to BD when beta = 0 (bit for bit, same seed).
 
 Rounds. A round is one refresh period: round r = floor(epoch / P), P = `refresh_every` epochs,
 starting with the refresh at epoch r P. At that refresh both models rank all items from their
