@@ -32,6 +32,7 @@ _OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
 def _time_phase(exp, phase, repeats):
   """(epoch seconds, refresh seconds or None, prepare seconds or None) for `phase`."""
   program = train.build_phase(exp, phase)
+  phase = program.phase
   state = program.initial_state()
   times = {}
   if phase.distill:
