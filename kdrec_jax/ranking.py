@@ -605,14 +605,23 @@ def uniform_distinct(keys: jax.Array, n: int, num_items: int, excluded, draws: i
   """
   d = draws or 2 * n + 64
   cand = jax.vmap(lambda k: jax.random.randint(k, (d,), 0, num_items, jnp.int32))(keys)
-  order = jnp.argsort(cand, axis=-1, stable=True)
-  srt = jnp.take_along_axis(cand, order, axis=-1)
+  slot = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), cand.shape)
+  bits = max(1, (d - 1).bit_length())
+  if num_items <= 2 ** (31 - bits):  # (item, slot) packed in one int32: a plain sort, ~6x faster
+    packed = jnp.sort((cand << bits) | slot, axis=-1)
+    srt, order = packed >> bits, packed & ((1 << bits) - 1)
+  else:
+    srt, order = jax.lax.sort((cand, slot), dimension=1, num_keys=1, is_stable=True)
   first_sorted = jnp.concatenate([jnp.ones_like(srt[:, :1], bool), srt[:, 1:] != srt[:, :-1]],
                                  axis=-1)
   rows = jnp.arange(cand.shape[0])[:, None]
-  first = jnp.zeros(cand.shape, bool).at[rows, order].set(first_sorted)
+  first = jnp.zeros(cand.shape, bool).at[rows, order].set(first_sorted, unique_indices=True)
   keep = first & ~excluded(cand)
-  pick = jnp.argsort(~keep, axis=-1, stable=True)[:, :n]  # kept slots first, in draw order
+  # Kept slots first, in draw order, then the others (a stable partition; a cumulative count,
+  # not a sort).
+  kept = jnp.cumsum(keep, axis=-1, dtype=jnp.int32)
+  dest = jnp.where(keep, kept - 1, kept[:, -1:] + jnp.cumsum(~keep, axis=-1, dtype=jnp.int32) - 1)
+  pick = jnp.zeros(cand.shape, jnp.int32).at[rows, dest].set(slot, unique_indices=True)[:, :n]
   return (jnp.take_along_axis(cand, pick, axis=-1),
           jnp.take_along_axis(keep, pick, axis=-1))
 
