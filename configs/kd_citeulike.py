@@ -62,8 +62,8 @@ METHODS = ("teacher", "none", "cd", "cd_teacher", "cd_teacher_redraw", "rd", "rd
 # 'hetcomp': the RCE-KD benchmark's HetComp (configs/citeulike/bpr/hetcomp.yaml there, run.sh
 #   `--ckpt_interval=50`): ONE teacher, the BPR-MF teacher, and its checkpoints every 50 epochs.
 #   They keep only the checkpoints from before the teacher's best epoch and use the first 3 of
-#   [those, the best teacher] as the stages; so does this library (our teacher's best epoch is
-#   131: stages 50, 100, final).
+#   [those, the best teacher] as the stages; so does this library (the recorded teacher's best
+#   epoch is 74: stages 50 and final; a teacher whose best epoch is past 100 gives three).
 # 'hetcomp_mf_lgcn': heterogeneous, as the HetComp paper (not a benchmark setting): the BPR-MF
 #   teacher and a LightGCN teacher (RCE-KD's CiteULike LightGCN teacher: d 2000, 3 layers, init
 #   std 0.1, trained alone with wd 1e-7), each with checkpoints at 50, 100, 150; point
