@@ -321,18 +321,23 @@ class RunsEarlyStop:
 
 
 class RunsWriter:
-  """One `MetricWriter` per run; `write` gives run r its slice [r] of every array leaf."""
+  """One `MetricWriter` per run; `write` gives run r its slice [r] of every array leaf. Runs in
+  `mute` (those that stopped early: the program trains on until every run has stopped) get no
+  further lines, so that each run's metrics.jsonl reads as a single run's."""
 
   def __init__(self, writers):
     self.writers = writers
+    self.mute = np.zeros(len(writers), bool)
 
   def write(self, **record) -> None:
     for r, w in enumerate(self.writers):
-      w.write(**jax.tree.map(lambda x: x[r] if np.ndim(x) else x, record))
+      if not self.mute[r]:
+        w.write(**jax.tree.map(lambda x: x[r] if np.ndim(x) else x, record))
 
   def each(self, records) -> None:
-    for w, record in zip(self.writers, records):
-      w.write(**record)
+    for r, (w, record) in enumerate(zip(self.writers, records)):
+      if not self.mute[r]:
+        w.write(**record)
 
 
 class RunsPhaseRun(schedule.PhaseRun):
@@ -379,13 +384,23 @@ class RunsPhaseRun(schedule.PhaseRun):
                  self.pcfg.epochs, self.n, dt, duration(dt * (self.pcfg.epochs - epoch)))
     progress.update(epoch, f"{self.n} runs")
 
+  def _loop(self, state, epoch, best):
+    if self.early.on:  # runs that stopped before a resume stay silent
+      self.writer.mute = ~self.early.active(best)
+    return super()._loop(state, epoch, best)
+
   def _validate(self, state, epoch, best, progress):
+    """Validates the runs still counting (a stopped run's best is fixed: it is not evaluated)."""
     models = tuple(m for m in ("teacher", "student") if m in self.phase.train)
-    vals = [self._evaluate(state, r, splits=("val",), models=models) for r in range(self.n)]
+    live = ~self.writer.mute
+    vals = [self._evaluate(state, r, splits=("val",), models=models) if live[r] else None
+            for r in range(self.n)]
     if self.early.on:
-      values = [v[self.early.model]["val"][self.early.metric] for v in vals]
+      values = [v[self.early.model]["val"][self.early.metric] if v else -np.inf for v in vals]
       best = self.early.update(best, values, state, self.phase, epoch)
     self.writer.each([dict(phase=self.phase.name, epoch=epoch, eval=v) for v in vals])
+    if self.early.on:
+      self.writer.mute = ~self.early.active(best)
     progress.update(epoch)
     return best
 
@@ -405,6 +420,7 @@ class RunsPhaseRun(schedule.PhaseRun):
 
   def _finish(self, state, epoch, best, t_phase):
     out = [self._final(state, r, epoch, best, t_phase) for r in range(self.n)]
+    self.writer.mute[:] = False  # every run's final line
     self.writer.each([dict(phase=self.phase.name, epoch=o["epochs"], final=True, eval=o)
                       for o in out])
     logging.info("[%s] %d runs done after %d epochs", self.phase.name, self.n, epoch)

@@ -98,6 +98,15 @@ def test_vmapped_seeds_equal_the_single_runs(citeulike_file, teacher, tmp_path, 
 
 
 @pytest.mark.slow
+def _lines(workdir):
+  """(phase, epoch, what) of each metrics.jsonl line of the distillation phase."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["phase"], r["epoch"], "final" if r.get("final") else
+           "eval" if "eval" in r else "refresh" if "refresh" in r else "losses")
+          for r in rows if r.get("phase") == "distill"]
+
+
 def test_per_run_early_stopping_and_resume(citeulike_file, teacher, tmp_path):
   """A grid of the KD weight (traced: one program): each run stops at its own best validation
   epoch, as its single run does; a sweep stopped after 3 epochs resumes to the same results."""
@@ -116,6 +125,9 @@ def test_per_run_early_stopping_and_resume(citeulike_file, teacher, tmp_path):
     assert got["student"]["test"] == pytest.approx(one["phases"]["distill"]["student"]["test"],
                                                    abs=1e-6)
     best[lam] = (got["best_epoch"], got["epochs"])
+    # Its metrics.jsonl reads as the single run's: the same lines, none after its stop.
+    assert (_lines(tmp_path / "whole" / f"lambda_rrd{lam}_s0")
+            == _lines(tmp_path / f"one{lam}")), lam
   assert best[0.0] != best[3.0]  # (best epoch, stop epoch): (7, 9) and (6, 8)
   path = str(tmp_path / "stopped")
   cfg = _config(citeulike_file, teacher, "rrd", grid=grid, max_epochs_per_run=3, **kw)
