@@ -209,17 +209,29 @@ def _top_k_threshold(key: jax.Array, k: int, cap: int, max_iter: int = 24) -> ja
   """`top_k_keys` by a threshold pass: per row a key t with k..cap keys >= t (counting passes,
   `_threshold_keys`), those items compacted (`compact_rows`) and sorted by (key, id). If a row
   has no such t (fewer than k keys above NaN and excluded ones, or more than cap - k ties at the
-  k-th key), the chunk goes to `lax.top_k` (`lax.cond`): the result is always exact."""
+  k-th key), the chunk goes to `lax.top_k` (`only_if`): the result is always exact."""
   t, done = _threshold_keys(key, k, cap, max_iter)
+  ids, _ = compact_rows(key >= t[:, None], cap)
+  n = key.shape[-1]
+  kk = jnp.where(ids < n, jnp.take_along_axis(key, jnp.minimum(ids, n - 1), axis=-1),
+                 jnp.int32(EXCLUDED_KEY))
+  return only_if(~jnp.all(done), lambda x: _top_k_lax(x, k), _sort_desc_ids(kk, ids)[:, :k], key)
 
-  def fast(_):
-    ids, _ = compact_rows(key >= t[:, None], cap)
-    n = key.shape[-1]
-    kk = jnp.where(ids < n, jnp.take_along_axis(key, jnp.minimum(ids, n - 1), axis=-1),
-                   jnp.int32(EXCLUDED_KEY))
-    return _sort_desc_ids(kk, ids)[:, :k]
 
-  return jax.lax.cond(jnp.all(done), fast, lambda _: _top_k_lax(key, k), None)
+def only_if(pred: jax.Array, fn, otherwise, *args):
+  """`fn(*args)` where `pred`, else `otherwise` (same structure), computing `fn` only when
+  needed, also under `jax.vmap` (e.g. N runs as one program): there a `lax.cond` with a batched
+  predicate becomes a select that always computes both branches, while this loop of at most one
+  step runs its body only if some run needs it. `args` enter the body through the loop's carry
+  and an optimization barrier, so that XLA cannot hoist `fn` out of the loop as loop-invariant
+  (it does, and then always computes it). Not differentiable (a while loop): for refreshes and
+  lists, not for losses."""
+  def body(carry):
+    p, _, a = carry
+    a, p = jax.lax.optimization_barrier((a, p))
+    return jnp.zeros_like(p), fn(*a), a
+
+  return jax.lax.while_loop(lambda c: c[0], body, (pred, otherwise, args))[1]
 
 
 TOP_K_METHODS = ("auto", "lax", "threshold")

@@ -266,6 +266,20 @@ def test_top_k_threshold_fast_path_and_fallback_are_exact():
   assert np.asarray(done).all()
   counts = np.sum(np.asarray(key[3:]) >= np.asarray(t)[:, None], axis=1)
   assert ((counts >= k) & (counts <= cap)).all()
+  # Under vmap (N runs as one program) each run takes its own path, exactly: run 0 holds the
+  # chunk that needs the fallback, run 1 one that does not.
+  both = jnp.stack([key[:8], key[8:]])
+  np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(fn))(both)).reshape(16, k), want)
+
+
+def test_only_if_runs_its_branch_per_run_under_vmap():
+  """`only_if` = `fn(*args) if pred else otherwise`, run by run under vmap and unbatched. (That
+  it skips `fn` when no run needs it is a speed property: benchmarks/REPORT.md.)"""
+  fn = jax.vmap(lambda p, x: ranking.only_if(p, lambda y: y * 10, x + 1, x))
+  got = fn(jnp.array([True, False, True]), jnp.array([1.0, 2.0, 3.0]))
+  np.testing.assert_array_equal(np.asarray(got), [10.0, 3.0, 30.0])
+  one = jax.jit(lambda p, x: ranking.only_if(p, lambda y: y * 10, x + 1, x))
+  assert float(one(True, 2.0)) == 20.0 and float(one(False, 2.0)) == 3.0
 
 
 def test_key_floats_order_every_key_like_the_ints():
