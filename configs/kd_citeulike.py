@@ -164,8 +164,10 @@ def method_config(name: str):
   method, changes, wd = ARMS[name]
   return methods.defaults(method, **changes, lists_budget_mb=2048, list_chunk=256), wd
 
-# Seeds of the recorded sweep (results/kd): three for the no-KD student and CD, one otherwise.
-SWEEP_SEEDS = {"none": (0, 1, 2), "cd": (0, 1, 2)}
+# Seeds of the recorded sweep (results/kd, `launch.sweep --vmap_seeds`: an arm's seeds as one
+# program): three for every method but DE and DE-RRD (their experts: ~40 s an epoch on a 2-core
+# CPU) and the diagnostics, one for those.
+SWEEP_SEEDS = {"de": (0,), "de_rrd": (0,)}
 
 
 def sweep_arms(quick: bool = False) -> list[dict]:
@@ -183,7 +185,7 @@ def sweep_arms(quick: bool = False) -> list[dict]:
   extra = {"de_rrd": {} if quick else {"distill.epochs": 80}}
   for name in METHODS[1:]:
     arms.append(dict(id=name, config=f"{file}:{name}{q}", folder=name + "_s{seed}",
-                     seeds=SWEEP_SEEDS.get(name, (0,)), set=extra.get(name, {}),
+                     seeds=SWEEP_SEEDS.get(name, (0, 1, 2)), set=extra.get(name, {}),
                      needs={"teacher_init": "teacher"}, default=name != "htd"))
   arms.append(dict(id="ftd_p100", config=f"{file}:ftd{q}", folder="ftd_p100_s{seed}", seeds=(0,),
                    set={"distill.patience": 100, **({} if quick else {"distill.epochs": 300})},
