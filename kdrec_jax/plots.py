@@ -195,8 +195,9 @@ def _read_jsonl(path: str) -> list:
 
 def load_run(path: RunLike, name: Optional[str] = None) -> Run:
   """The run in `path`: a workdir (results.json and/or metrics.jsonl), a results file
-  (`*.json`) or a metrics file (`*.jsonl`). `name` defaults to the folder's name (a results
-  file's name without `.results.json`). Raises RunError when there is nothing to read."""
+  (`*.json`) or a metrics file (`*.jsonl`). `name` defaults to the folder's name (`<arm>_s<k>`
+  for the seed folder `<arm>/s<k>` of several runs as one program; a results file's name
+  without `.results.json`). Raises RunError when there is nothing to read."""
   if isinstance(path, Run):
     return dataclasses.replace(path, name=name) if name else path
   path = os.path.normpath(os.fspath(path))
@@ -208,6 +209,8 @@ def load_run(path: RunLike, name: Optional[str] = None) -> Run:
     results = _read_json(results_path) if os.path.exists(results_path) else {}
     records = _read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
     default = os.path.basename(os.path.abspath(path))
+    if re.fullmatch(r"s\d+", default):  # a seed of a multi-run workdir (kdrec_jax.runs)
+      default = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}_{default}"
   elif os.path.isfile(path):
     base = os.path.basename(path)
     if base.endswith(".jsonl"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -120,6 +121,13 @@ def test_compare_runs_seeds_and_shared_teacher(tmp_path):
   ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
   assert ticks == ["BD", "iBD"]
   assert {"teacher, control", "student, distillation"} <= set(legend_texts(fig.axes[0]))
+  # Seeds run as one program (`<arm>/s<k>`, kdrec_jax.runs) read as `<arm>_s<k>`.
+  for k, src in enumerate(KD[1:3]):
+    shutil.copytree(src, tmp_path / "none" / f"s{k}")
+  runs = plots.load_runs([str(tmp_path / "none" / "s0"), str(tmp_path / "none" / "s1")])
+  assert [r.name for r in runs] == ["none_s0", "none_s1"]
+  fig = plots.compare_runs(runs, metric="NDCG@20")
+  assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["none (2 seeds)"]
 
 
 def test_speed_and_curves_across_runs(tmp_path):
