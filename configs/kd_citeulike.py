@@ -169,19 +169,21 @@ def method_config(name: str):
   return methods.defaults(method, **changes, lists_budget_mb=2048, list_chunk=256), wd
 
 # Seeds of the recorded sweep (results/kd, `launch.sweep --vmap_seeds`: an arm's seeds as one
-# program): three for every method but DE and DE-RRD (their experts: ~40 s an epoch on a 2-core
-# CPU) and the diagnostics, one for those.
-SWEEP_SEEDS = {"de": (0,), "de_rrd": (0,)}
+# program): three for every method, one for DE and DE-RRD (their experts: ~40 s an epoch on a
+# 2-core CPU), the earlier defaults' switch rows and DCD's KDs variant.
+SWEEP_SEEDS = {name: (0,) for name in ("de", "de_rrd", "rd_renorm", "cd_teacher_redraw",
+                                       "unkd_intended", "dcd_kds")}
 
 
 def sweep_arms(quick: bool = False) -> list[dict]:
   """The protocol's runs for `python -m launch.sweep` (arm format: launch/sweep.py): the teacher
-  once (folder `teacher`), then every method's student distilled from it (`<method>_s<seed>`,
-  `teacher_init` = the teacher's folder), plus the FTD diagnostic with patience 100 over at most
-  300 epochs (`ftd_p100_s<seed>`). DE-RRD is capped at 80 epochs as its recorded row (CPU time;
-  `--set de_rrd:distill.epochs=1000` runs the full schedule). HTD (over a minute per epoch on a
-  CPU), DE's patience-100 diagnostic, HetComp and the LightGCN -> LightGCN arms (`lgcn:...`) run
-  only when named, e.g. `--arms htd`."""
+  once (folder `teacher`), then every method's students distilled from it on the seeds of
+  `SWEEP_SEEDS` (default 0, 1, 2; folders `<method>_s<seed>`, or `<method>/s<seed>` with
+  `--vmap_seeds`, the recorded table's layout; `teacher_init` = the teacher's folder), plus the
+  FTD diagnostic with patience 100 over at most 300 epochs (`ftd_p100`). DE-RRD is capped at 80
+  epochs as its archived row (CPU time; `--set de_rrd:distill.epochs=1000` runs the full
+  schedule). HTD (over a minute per epoch on a CPU), DE's patience-100 diagnostic, HetComp and the
+  LightGCN -> LightGCN arms (`lgcn:...`) run only when named, e.g. `--arms htd`."""
   q = ",quick" if quick else ""
   file = "configs/kd_citeulike.py"
   arms = [dict(id="teacher", config=f"{file}:teacher{q}", folder="teacher",

@@ -26,8 +26,7 @@ VMAP_SEEDS = {"kd"}
 # KD arms not run for the current table (CPU time: docs/results/kd.md lists them; DE, DE-RRD,
 # the FTD diagnostic and the earlier defaults' rows are in results/kd_2026-11).
 NOT_RECORDED = {"ibd": {"bpr_warm", "neumf_warm", "cdae_warm"},
-                "kd": {"cd", "cd_t01", "cd_teacher_redraw", "dcd", "dcd_kds", "de", "de_rrd", "ftd",
-                       "ftd_p100", "rce_kd", "rd_renorm", "unkd_intended"}}
+                "kd": {"dcd", "de", "de_rrd", "ftd", "ftd_p100"}}
 
 
 def _module(protocol):
