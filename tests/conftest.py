@@ -142,6 +142,18 @@ def kd_config(data_path: str, method: str, **overrides):
   return apply_overrides(cfg, overrides)
 
 
+def assert_only_student_moved(before, after, context=None) -> None:
+  """A distillation epoch from state `before` to `after` left every teacher parameter unchanged
+  and moved some student parameter (by more than 1e-5)."""
+  import jax
+  for a, b in zip(jax.tree.leaves(after.params["teacher"]),
+                  jax.tree.leaves(before.params["teacher"])):
+    np.testing.assert_array_equal(a, b, err_msg=str(context or ""))
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(after.params["student"]),
+                                                jax.tree.leaves(before.params["student"]))]
+  assert max(moved) > 1e-5, context
+
+
 def raises_data_error_at(fn, fname: str, line=None, *fragments: str) -> str:
   """Calls `fn`, which must raise a DataError naming `fname` (and `fname:line:` when `line` is
   given) with every fragment in its message; returns the message."""

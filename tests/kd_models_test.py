@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import kd_config
+from conftest import assert_only_student_moved, kd_config
 from kdrec_jax import train
 
 pytestmark = pytest.mark.slow  # whole runs: the full suite, not the quick tier
@@ -42,12 +42,7 @@ def test_every_method_trains_with_graph_and_neural_models(citeulike_file, model,
     assert all(np.isfinite(float(v)) for v in metrics.values()), (method, metrics)
     kd_terms = [k for k in metrics if not k.startswith(("cf_", "loss_", "examples"))]
     assert kd_terms and any(float(metrics[k]) > 0 for k in kd_terms), (method, metrics)
-    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(after.params["student"]),
-                                                  jax.tree.leaves(before.params["student"]))]
-    assert max(moved) > 1e-5, method
-    for a, b in zip(jax.tree.leaves(after.params["teacher"]),
-                    jax.tree.leaves(before.params["teacher"])):
-      np.testing.assert_array_equal(a, b)
+    assert_only_student_moved(before, after, method)
 
 
 @pytest.mark.parametrize("method", KD_METHODS)
