@@ -182,6 +182,19 @@ def _sigmoid(x):
   return 1 / (1 + np.exp(-x))
 
 
+def _tiny_method(lambda_kd: float, num_pairs: int):
+  """(UnKD on `tiny_data` with BPR-MF teacher d 4 / student d 2, its models' params)."""
+  data = tiny_data()
+  mods = {m: models.make(ml_collections.ConfigDict(dict(name="bpr_mf", dim=d, init_std=0.7)),
+                         data.num_users, data.num_items) for m, d in (("teacher", 4),
+                                                                      ("student", 2))}
+  cfg = ml_collections.ConfigDict(dict(name="unkd", lambda_kd=lambda_kd, num_groups=2, top_l=5,
+                                       rank_temperature=20.0, num_pairs=num_pairs,
+                                       group_weight_power=0.0))
+  return methods.make(cfg, mods, data), {m: mods[m].init(jax.random.key(i))
+                                         for i, m in enumerate(mods)}
+
+
 class LossTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -207,16 +220,8 @@ class LossTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @pytest.mark.slow
   def test_method_loss_matches_numpy(self):
-    data = tiny_data()
-    mods = {m: models.make(ml_collections.ConfigDict(dict(name="bpr_mf", dim=d, init_std=0.7)),
-                           data.num_users, data.num_items) for m, d in (("teacher", 4),
-                                                                        ("student", 2))}
-    cfg = ml_collections.ConfigDict(dict(name="unkd", lambda_kd=0.5, num_groups=2, top_l=5,
-                                         rank_temperature=20.0, num_pairs=2,
-                                         group_weight_power=0.0))
-    method = methods.make(cfg, mods, data)
+    method, params = _tiny_method(0.5, 2)
     assert method.learners == ("student",) and method.refresh_every == 1
-    params = {m: mods[m].init(jax.random.key(i)) for i, m in enumerate(mods)}
     users = jnp.array([0, 2, 2, 4], jnp.int32)  # user 2 twice: counted per training pair
     weight = jnp.array([1.0, 1.0, 1.0, 0.0])
     pos = jnp.array([[5, 9], [1, 3], [1, 3], [0, 1]], jnp.int32)
@@ -242,15 +247,7 @@ class LossTest(chex.TestCase):
     """A port of `sample.py::UnKD.sample_diff` (mean over a row's pairs of
     -log(sigma(z_p - z_n) + 1e-10)) on rows holding (better, better) pairs: each adds log 2 to
     its row's mean and nothing to the gradient."""
-    data = tiny_data()
-    mods = {m: models.make(ml_collections.ConfigDict(dict(name="bpr_mf", dim=d, init_std=0.7)),
-                           data.num_users, data.num_items) for m, d in (("teacher", 4),
-                                                                        ("student", 2))}
-    cfg = ml_collections.ConfigDict(dict(name="unkd", lambda_kd=1.0, num_groups=2, top_l=5,
-                                         rank_temperature=20.0, num_pairs=3,
-                                         group_weight_power=0.0))
-    method = methods.make(cfg, mods, data)
-    params = {m: mods[m].init(jax.random.key(i)) for i, m in enumerate(mods)}
+    method, params = _tiny_method(1.0, 3)
     users = jnp.array([0, 1, 3], jnp.int32)
     pos = jnp.array([[5, 9, 2], [4, 4, 6], [7, 0, 0]], jnp.int32)
     neg = jnp.array([[5, 1, 2], [8, 4, 1], [7, 0, 0]], jnp.int32)  # 5 of 9 pairs degenerate
