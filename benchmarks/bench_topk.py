@@ -16,7 +16,8 @@ are only comparable on an idle machine):
   (`benchmarks/_topk_reference.py`, today's `full_ranks` chunked as before) beside it, and the
   scores alone (the matmul in user chunks: the floor);
 - pool: CD's student pool, the top-3000 unobserved items of every user (`TopLists.build` on the
-  student's scores) and a whole student-guided refresh (pool and draws);
+  student's scores), and a whole student-guided refresh (2 draws per user) from the pools and
+  by selecting the drawn ranks (`TopLists.at_positions`, CD's path);
 - lists: the teacher's top-500 lists (RRD / DCD prepare), DCD's student top-600 (`capped_ranks`)
   and UnKD's per-group top-1000 lists;
 - bd: BD's exact rank refresh of both models (`bd.user_ranks` over all users);
@@ -152,16 +153,29 @@ def pool_rows(table, data, params_s, params_t, repeats):
       table.add("lists", f"previous: {name}", _time(lambda: old(params), repeats))
       table.add("lists", f"new: {name}", _time(lambda: new(params), repeats),
                 f"identical: {same}")
-  # A whole student-guided CD refresh (the pool and 2 draws per user), as `bench_kd` times it.
+  # A whole student-guided CD refresh (2 draws per user), as `bench_kd` times it: from each
+  # chunk's pool (previous; today's pool) and by selecting the drawn ranks (new: CD's path).
   cfg = kd_citeulike.get_config("cd")
   log_probs = jnp.asarray(cd.rank_log_probs(3000, cfg.method.rank_temperature))
-  for label, lists_cls in (("previous", reference.TopLists), ("new", ranking.TopLists)):
-    lists = lists_cls(bpr_mf.score_all, train, u, n, 3000, chunk=256)
-    refresh = jax.jit(lambda p, key, lists=lists: lists.all_rows(
-        {}, p, lambda uu, it, va: cd.draw_from_pool(key, uu, it, va, log_probs, 2)))
-    with ranking.x64():
-      table.add("lists", f"{label}: CD student-guided refresh (pool + draws)",
-                _time(lambda: refresh(params_s, jax.random.key(0)), repeats))
+  previous = reference.TopLists(bpr_mf.score_all, train, u, n, 3000, chunk=256)
+  lists = ranking.TopLists(bpr_mf.score_all, train, u, n, 3000, chunk=256)
+  refreshes = {
+      "previous: CD student-guided refresh (pool + draws)": lambda p, key: previous.all_rows(
+          {}, p, lambda uu, it, va: cd.draw_from_pool(key, uu, it, va, log_probs, 2)),
+      "pool: CD student-guided refresh (today's pool + draws)": lambda p, key: lists.at_positions(
+          {}, p, lambda uu, va: cd.draw_positions(key, uu, va, log_probs, 2), "pool"),
+      "new: CD student-guided refresh (draws, then the drawn ranks selected)":
+          lambda p, key: lists.at_positions(
+              {}, p, lambda uu, va: cd.draw_positions(key, uu, va, log_probs, 2)),
+  }
+  with ranking.x64():
+    want = jax.jit(next(iter(refreshes.values())))(params_s, jax.random.key(0))
+    for name, fn in refreshes.items():
+      refresh = jax.jit(fn)
+      got = refresh(params_s, jax.random.key(0))
+      same = all(np.array_equal(a, b) for a, b in zip(got, want))
+      table.add("lists", name, _time(lambda: refresh(params_s, jax.random.key(0)), repeats),
+                f"identical: {same}")
 
 
 def list_rows(table, data, params_s, params_t, repeats):

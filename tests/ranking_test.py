@@ -272,6 +272,65 @@ def test_top_k_threshold_fast_path_and_fallback_are_exact():
   np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(fn))(both)).reshape(16, k), want)
 
 
+@functools.lru_cache(maxsize=None)
+def _at_ranks_fn(width, x64):
+  fn = jax.jit(lambda key, ranks: ranking.keys_at_ranks(key, ranks, width))
+  if not x64:
+    return fn
+
+  def with_x64(key, ranks):
+    with ranking.x64():
+      return fn(key, ranks)
+  return with_x64
+
+
+@hypothesis.settings(max_examples=20, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(st.data())
+def test_keys_at_ranks_property_matches_stable_argsort(data):
+  """Rows it answers (`done`) hold exactly the stable argsort's items at the ranks, ties, -inf,
+  NaN and ranks up to the row length included; a row whose ranked items score finite values,
+  each tied with at most width / 2 keys, is always answered (a band needs a finite threshold
+  on both sides)."""
+  scores, excluded = _hyp_scores(data)
+  masked = np.where(excluded, -np.inf, scores)
+  key = ranking.order_key(jnp.asarray(masked))
+  order = np.argsort(-masked, axis=1, kind="stable")
+  ranks = data.draw(hnp.arrays(np.int32, (TOPK_ROWS, 3), elements=st.integers(0, TOPK_N - 1)))
+  width = data.draw(st.sampled_from([4, 16, 64]))
+  ids, done = _at_ranks_fn(width, data.draw(st.booleans()))(key, jnp.asarray(ranks))
+  ids, done = np.asarray(ids), np.asarray(done)
+  want = np.take_along_axis(order, ranks, axis=1)
+  np.testing.assert_array_equal(ids[done], want[done])
+  # The band around a rank holds at most `width` keys unless that many tie there.
+  k = np.asarray(key).astype(np.int64)
+  at = np.take_along_axis(k, want, axis=1)
+  ties = np.array([[np.sum(k[r] == at[r, j]) for j in range(3)] for r in range(TOPK_ROWS)])
+  finite = np.isfinite(np.take_along_axis(masked, want, axis=1))
+  assert done[((ties <= width // 2) & finite).all(axis=1)].all()
+
+
+def test_keys_at_ranks_on_long_rows_and_its_counts():
+  rng = np.random.default_rng(4)
+  n = 5000
+  scores = rng.normal(size=(32, n)).astype(np.float32)
+  scores[:4] = np.round(scores[:4], 2)  # ties (fewer than the width) around most ranks
+  scores[4:8] = rng.exponential(size=(4, n)) * 1e-20  # tiny, skewed scores
+  masked = np.where(rng.random((32, n)) < 0.1, -np.inf, scores)
+  key = ranking.order_key(jnp.asarray(masked))
+  ranks = np.concatenate([rng.integers(0, 30, (32, 1)), rng.integers(0, 3000, (32, 1)),
+                          rng.integers(0, 4000, (32, 1))], axis=1).astype(np.int32)
+  ids, done = jax.jit(lambda k, r: ranking.keys_at_ranks(k, r, 64, bound=4000))(
+      key, jnp.asarray(ranks))
+  assert np.asarray(done).all()
+  want = np.take_along_axis(np.argsort(-masked, axis=1, kind="stable"), ranks, axis=1)
+  np.testing.assert_array_equal(np.asarray(ids), want)
+  t = jnp.asarray(np.asarray(key)[:, [7, 100, 2500]])
+  got = jax.jit(ranking._counts_at)(key, t)
+  want = (np.asarray(key)[:, None, :] >= np.asarray(t)[:, :, None]).sum(-1)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_only_if_runs_its_branch_per_run_under_vmap():
   """`only_if` = `fn(*args) if pred else otherwise`, run by run under vmap and unbatched. (That
   it skips `fn` when no run needs it is a speed property: benchmarks/REPORT.md.)"""
@@ -332,6 +391,41 @@ def test_chunk_positions_and_top_lists_match_numpy():
   it2, va2 = lists.compute(params, jnp.arange(u))  # the row_mask path, for any users
   np.testing.assert_array_equal(np.asarray(it2), want)
   np.testing.assert_array_equal(np.asarray(va2), np.asarray(valid))
+
+
+def test_top_lists_at_positions_select_equals_pool():
+  """Draws by position from the pools (`method='pool'`) and by selection (`'select'`, chunks
+  falling back where a row's valid slots are no prefix or a rank's ties exceed the band) are the
+  same items, and the items of `build`'s rows at those positions."""
+  rng = np.random.default_rng(6)
+  u, n, m = 150, 2000, 300
+  rows = [rng.choice(n, rng.integers(0, 40), replace=False) for _ in range(u)]
+  rows[3] = np.arange(n - 100)  # fewer unobserved items than m: a prefix of valid slots
+  data = Interactions.from_rows("t", n, rows, [[]] * u, [[]] * u)
+  train = sparse.DeviceCSR.from_numpy(*data.split("train"))
+  scores = rng.normal(size=(u, n)).astype(np.float32)
+  # Chunks of 64 users: chunk 0 selects (row 3 included); chunks 1 and 2 fall back.
+  scores[70, :5] = -np.inf  # a -inf item that is not excluded: valid slots may be no prefix
+  scores[71, :5] = np.nan
+  scores[130] = 1.0  # more ties than a band holds
+  lists = ranking.TopLists(lambda p, users: p[users], train, u, n, m, chunk=128)
+  log_probs = jnp.asarray(np.log(np.linspace(1.0, 0.5, m)), jnp.float32)
+
+  def choose(key):
+    return lambda users, valid: ranking.gumbel_top_k_rows(
+        ranking.per_user_keys(key, users), jnp.where(valid, log_probs, -jnp.inf), 2)
+
+  table = jax.jit(lists.build)(jnp.asarray(scores))
+  for seed in range(3):
+    key = jax.random.key(seed)
+    runs = {method: jax.jit(lambda p, method=method: lists.at_positions(
+        {}, p, choose(key), method))(jnp.asarray(scores)) for method in ("pool", "select")}
+    for got in runs.values():
+      for a, b in zip(got, runs["pool"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    stored = lists.at_positions(table, None, choose(key))  # from the table
+    for a, b in zip(stored, runs["pool"]):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---------------------------------------------------------------------------------------------

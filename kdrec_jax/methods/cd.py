@@ -73,12 +73,19 @@ def soft_label_bce(student_logits: jax.Array, teacher_logits: jax.Array, t1, t2)
                                       reduce_fn=None)
 
 
+def draw_positions(key: jax.Array, users: jax.Array, valid: jax.Array, log_probs: jax.Array,
+                   n: int) -> jax.Array:
+  """n distinct pool positions per user (valid [C, P]: the pool's usable slots), without
+  replacement ∝ exp(log_probs[position]), in draw order; one key per user id: int32 [C, n]."""
+  logits = jnp.where(valid, log_probs, -jnp.inf)
+  return ranking.gumbel_top_k_rows(ranking.per_user_keys(key, users), logits, n)
+
+
 def draw_from_pool(key: jax.Array, users: jax.Array, items: jax.Array, valid: jax.Array,
                    log_probs: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-  """n distinct items per user from its pool rows (items, valid [C, P], best first), without
-  replacement ∝ exp(log_probs[position]); one key per user id. Returns (items, valid) [C, n]."""
-  logits = jnp.where(valid, log_probs, -jnp.inf)
-  pos = ranking.gumbel_top_k_rows(ranking.per_user_keys(key, users), logits, n)
+  """The items at `draw_positions` of the pool rows (items, valid [C, P], best first):
+  (items, valid) [C, n]."""
+  pos = draw_positions(key, users, valid, log_probs, n)
   return (jnp.take_along_axis(items, pos, axis=-1), jnp.take_along_axis(valid, pos, axis=-1))
 
 
@@ -115,8 +122,8 @@ def make(cfg, models, data) -> Method:
     """S_u for every user: {'items', 'valid'} [U, n]; every epoch (student guide, or
     `redraw_every_epoch`), else once, at epoch 0 of the phase."""
     del epoch
-    items, valid = lists.all_rows(static, params[guide],
-                                  lambda u, it, va: draw_from_pool(key, u, it, va, log_probs, n))
+    items, valid = lists.at_positions(
+        static, params[guide], lambda u, va: draw_positions(key, u, va, log_probs, n))
     return {"items": items, "valid": valid}, carry
 
   def sample(view, batch, keys, key):
