@@ -749,8 +749,8 @@ class TopLists:
     first min(m, N - #excluded) slots), the items at the chosen ranks are selected
     (`keys_at_ranks`, in chunks of at most `SELECT_CHUNK` users); a chunk where that does not
     hold or a rank cannot be narrowed to a band (ties) builds its pool instead (`only_if`):
-    the result is the same either way. CD's student pool: 0.35 s instead of 0.7 s for all
-    CiteULike users on the 2-core CPU (benchmarks/REPORT.md)."""
+    the result is the same either way. CD's student-guided refresh: 0.375 s instead of 0.85 s
+    for all CiteULike users on the 2-core CPU (benchmarks/REPORT.md)."""
     if method not in ("auto", "pool", "select"):
       raise ValueError(f"method must be 'auto', 'pool' or 'select', got {method!r}")
 
