@@ -17,11 +17,23 @@ import jax
 import jax.numpy as jnp
 
 AXIS = "data"
+# The vmap axis of several runs trained as one program (`kdrec_jax.runs`, `step.make_epoch`).
+RUN_AXIS = "runs"
 
 
 def device_count() -> int:
   """Number of devices on the data axis (inside the step)."""
   return jax.lax.axis_size(AXIS)
+
+
+def in_runs() -> bool:
+  """Whether the code being traced runs under the run axis (several runs as one program):
+  there a `lax.cond` with a per-run predicate computes both branches."""
+  try:
+    jax.lax.axis_size(RUN_AXIS)
+  except NameError:
+    return False
+  return True
 
 
 def gather(x: jax.Array) -> jax.Array:

@@ -250,7 +250,8 @@ def make_epoch(train_step, mesh, num_train: int, batch_size: int, run_axes=None)
     return state, jax.tree.map(jnp.sum, metrics)
 
   if run_axes is not None:
-    one_epoch = jax.vmap(one_epoch, in_axes=(run_axes, None, 0, None), out_axes=(run_axes, 0))
+    one_epoch = jax.vmap(one_epoch, in_axes=(run_axes, None, 0, None), out_axes=(run_axes, 0),
+                         axis_name=parallel.RUN_AXIS)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def epoch(state: TrainState, examples, key, epoch_index=0):
