@@ -19,7 +19,8 @@
 #           overrides; outputs in $OUT/ibd/cdae_s<seed>_<arm>/ for `benchmarks.kd_table`
 #   fast:   the BPR-MF rows with pre-drawn samples and histogram ranks; the step profile
 #   scale:  BD beyond the table budget on a synthetic 1,000,000 x 200,000 catalogue
-#   runs:   seeds as one vmapped program against one after another (benchmarks.bench_runs)
+#   runs:   seeds as one vmapped program against one after another (benchmarks.bench_runs), and
+#           FTD's loss for 3 students under the run axis (benchmarks.bench_ftd_forms --runs 3)
 #   kd_seeds: the RCE-KD protocol's default arms over 3 seeds, each arm one vmapped program
 #   lgcn:   the LightGCN -> LightGCN table (teacher d 2000; none, RRD, RCE-KD)
 #   kd_new: the rows rerun with the authors' defaults and added (RD, DCD, CD teacher-guided,
@@ -83,7 +84,8 @@ for what in "$@"; do
              --batch 8192 --rank_buckets 8192 --epochs 2 --refreshes 2 --table_budget_mb 16000 \
              --out "$OUT/scale_1m_200k_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -24 ;;
     runs) python3 -m benchmarks.bench_runs --method "${RUNS_METHOD:-rrd}" --epochs 5 --runs 1,3,5 \
-             --out "$OUT/runs_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -40 ;;
+             --out "$OUT/runs_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -40
+          python3 -m benchmarks.bench_ftd_forms --repeats 3 --runs 3 2>&1 | grep -v "^[IW]1" ;;
     kd_seeds|lgcn|kd_new) wd=/tmp/kd_gpu; mkdir -p "$OUT/$what"
           case "$what" in
             kd_seeds) sel=""; extra="--vmap_seeds --seeds 0,1,2" ;;  # every default arm, 3 seeds
