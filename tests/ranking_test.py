@@ -426,6 +426,13 @@ def test_top_lists_at_positions_select_equals_pool():
     stored = lists.at_positions(table, None, choose(key))  # from the table
     for a, b in zip(stored, runs["pool"]):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Two runs as one program (the second with the tied rows): each run's own result.
+  both = jnp.stack([jnp.asarray(scores), jnp.asarray(scores[::-1])])
+  vmapped = jax.jit(jax.vmap(lambda p: lists.at_positions({}, p, choose(key), "select")))(both)
+  for r in range(2):
+    single = jax.jit(lambda p: lists.at_positions({}, p, choose(key), "pool"))(both[r])
+    for a, b in zip(vmapped, single):
+      np.testing.assert_array_equal(np.asarray(a)[r], np.asarray(b))
 
 
 # ---------------------------------------------------------------------------------------------
