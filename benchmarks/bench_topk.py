@@ -161,7 +161,9 @@ def pool_rows(table, data, params_s, params_t, repeats):
   lists = ranking.TopLists(bpr_mf.score_all, train, u, n, 3000, chunk=256)
   refreshes = {
       "previous: CD student-guided refresh (pool + draws)": lambda p, key: previous.all_rows(
-          {}, p, lambda uu, it, va: cd.draw_from_pool(key, uu, it, va, log_probs, 2)),
+          {}, p, lambda uu, it, va: tuple(
+              jnp.take_along_axis(x, cd.draw_positions(key, uu, va, log_probs, 2), axis=-1)
+              for x in (it, va))),
       "pool: CD student-guided refresh (today's pool + draws)": lambda p, key: lists.at_positions(
           {}, p, lambda uu, va: cd.draw_positions(key, uu, va, log_probs, 2), "pool"),
       "new: CD student-guided refresh (draws, then the drawn ranks selected)":

@@ -25,8 +25,8 @@ CONFIGS = (
        for a in ("b05", "b1", "b2", "strict", "random")]
     + ["configs/ibd_citeulike.py:cdae,quick", "configs/ibd_citeulike.py:neumf,quick"]
     + [f"configs/kd_citeulike.py:{m},quick"
-       for m in ("teacher", "none", "cd", "cd_teacher_redraw", "rd_renorm", "de", "rrd", "de_rrd",
-                 "dcd_kds", "ftd", "htd", "unkd_intended", "cd_teacher", "rd", "dcd", "unkd",
+       for m in ("teacher", "none", "cd", "cd_teacher_redraw", "rd_renorm", "de", "rrd",
+                 "de_rrd", "dcd_kds", "ftd", "htd", "unkd_intended", "cd_teacher", "rd", "dcd", "unkd",
                  "rce_kd", "hetcomp")]
     + [f"configs/td_citeulike.py:{m},quick" for m in ("teacher", "none", "ftd", "htd")]
     + [f"configs/unkd_protocol.py:citeulike,{m},quick"

@@ -125,6 +125,25 @@ def compact_rows(mask: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
   return jnp.where(slot < count[:, None], w * 32 + pos, n), count
 
 
+def _row_sample(key: jax.Array, pieces: int, width: int) -> tuple[jax.Array, jax.Array]:
+  """The threshold searches' start: (sample int32 [C, m], step float32 [C]). The sample is
+  `pieces` contiguous runs of `width` columns spread over each row (strided samples are slow;
+  the whole row when it is short); the step, an eighth of the spread of its finite scores (1/8
+  when there is none), is how far a search moves while one side of its target is unknown."""
+  n = key.shape[-1]
+  if pieces * width * 2 <= n:
+    sample = jnp.concatenate([key[:, (i * n) // pieces:(i * n) // pieces + width]
+                              for i in range(pieces)], axis=-1)
+  else:
+    sample = key
+  values = key_floats(sample)  # the scores (NaN patterns for NaN and excluded keys)
+  fin = jnp.isfinite(values)
+  spread = (jnp.max(jnp.where(fin, values, -jnp.inf), axis=-1)
+            - jnp.min(jnp.where(fin, values, jnp.inf), axis=-1))
+  f32 = jnp.float32
+  return sample, jnp.where(jnp.isfinite(spread) & (spread > 0), spread, f32(1)) / f32(8)
+
+
 def _threshold_keys(key: jax.Array, k: int, cap: int, max_iter: int, pieces: int = 8,
                     width: int = 64) -> tuple[jax.Array, jax.Array]:
   """Per row a threshold key t with k <= #{key >= t} <= cap, and whether one was found.
@@ -142,22 +161,13 @@ def _threshold_keys(key: jax.Array, k: int, cap: int, max_iter: int, pieces: int
   """
   f32 = jnp.float32
   n = key.shape[-1]
-  if pieces * width * 2 <= n:
-    sample = jnp.concatenate([key[:, (i * n) // pieces:(i * n) // pieces + width]
-                              for i in range(pieces)], axis=-1)
-  else:
-    sample = key
+  sample, step0 = _row_sample(key, pieces, width)
   m = sample.shape[-1]
   target = k + (cap - k) // 2
   scale = n / m
   guess = min(m - 1, max(0, round(target / scale) - 1))
-  # key_floats of a key is its score (NaN patterns for NaN and excluded keys): the sample's
-  # scores, best first (a sort of a few hundred int32 keys per row: cheap).
+  # The sample's scores, best first (a sort of a few hundred int32 keys per row: cheap).
   top = key_floats(jnp.sort(sample, axis=-1)[:, ::-1])
-  fin = jnp.isfinite(top)
-  spread = (jnp.max(jnp.where(fin, top, -jnp.inf), axis=-1)
-            - jnp.min(jnp.where(fin, top, jnp.inf), axis=-1))
-  step0 = jnp.where(jnp.isfinite(spread) & (spread > 0), spread, f32(1)) / f32(8)
   target = f32(target)
 
   def count(t):
@@ -294,20 +304,12 @@ def _band_keys(key: jax.Array, ranks: jax.Array, width: int, bound: int | None =
   rank, or the search needs more than `max_iter` passes."""
   f32 = jnp.float32
   n_items = key.shape[-1]
-  if pieces * sample_width * 2 <= n_items:
-    sample = jnp.concatenate([key[:, (i * n_items) // pieces:(i * n_items) // pieces
-                                  + sample_width] for i in range(pieces)], axis=-1)
-  else:
-    sample = key
+  sample, step0 = _row_sample(key, pieces, sample_width)
+  step0 = step0[:, None]
   scale = n_items / sample.shape[-1]
   # The sample's best scores, as far down as the largest rank reaches (`bound`).
   m = min(sample.shape[-1], -(-(bound or n_items) // int(scale)) + 16)
   top = key_floats(_halves(lambda x: jnp.sort(x, axis=-1)[:, ::-1][:, :m], sample))
-  values = key_floats(sample)
-  fin = jnp.isfinite(values)
-  spread = (jnp.max(jnp.where(fin, values, -jnp.inf), axis=-1)
-            - jnp.min(jnp.where(fin, values, jnp.inf), axis=-1))
-  step0 = (jnp.where(jnp.isfinite(spread) & (spread > 0), spread, f32(1)) / f32(8))[:, None]
   r = ranks.astype(f32)
   guess = jnp.clip(jnp.round((r + f32(0.5)) / f32(scale)).astype(jnp.int32) - 1, 0, m - 1)
   quarter = f32(max(width // 4, 1))

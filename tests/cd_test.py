@@ -39,6 +39,12 @@ def test_tournament_log_probs_closed_form():
   assert p[0] / p[-1] > 1000
 
 
+def _draw_from_pool(key, users, items, valid, log_probs, n):
+  """The pool rows' (items, valid) [C, P] at `cd.draw_positions`, as CD's refresh reads them."""
+  pos = cd.draw_positions(key, users, valid, log_probs, n)
+  return (jnp.take_along_axis(items, pos, axis=-1), jnp.take_along_axis(valid, pos, axis=-1))
+
+
 @pytest.mark.slow
 def test_best_of_two_until_distinct_equals_gumbel_top_n():
   """Simulates the reference loop (pairs of iid draws, keep the better, until 2 distinct) and
@@ -59,7 +65,7 @@ def test_best_of_two_until_distinct_equals_gumbel_top_n():
   p = np.exp(cd.rank_log_probs(pool, temp).astype(np.float64))
   assert_ordered_pairs(sim, p)
   items = jnp.tile(jnp.arange(pool, dtype=jnp.int32), (reps, 1))
-  got, valid = jax.jit(cd.draw_from_pool, static_argnums=5)(
+  got, valid = jax.jit(_draw_from_pool, static_argnums=5)(
       jax.random.key(1), jnp.arange(reps, dtype=jnp.int32), items, jnp.ones((reps, pool), bool),
       jnp.asarray(cd.rank_log_probs(pool, temp)), n)
   assert np.asarray(valid).all()
@@ -70,8 +76,7 @@ def test_best_of_two_until_distinct_equals_gumbel_top_n():
 def test_draw_from_pool_skips_invalid_slots():
   items = jnp.array([[7, 3, 9, 1], [4, 2, 0, 0]], jnp.int32)
   valid = jnp.array([[True, True, True, True], [True, False, False, False]])
-  got, ok = cd.draw_from_pool(jax.random.key(0), jnp.array([0, 1]), items, valid,
-                              jnp.zeros(4), 2)
+  got, ok = _draw_from_pool(jax.random.key(0), jnp.array([0, 1]), items, valid, jnp.zeros(4), 2)
   got, ok = np.asarray(got), np.asarray(ok)
   assert ok[0].all() and set(got[0]) <= {7, 3, 9, 1} and got[0, 0] != got[0, 1]
   assert ok[1].tolist().count(True) == 1 and got[1][ok[1]].tolist() == [4]

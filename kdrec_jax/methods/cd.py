@@ -81,14 +81,6 @@ def draw_positions(key: jax.Array, users: jax.Array, valid: jax.Array, log_probs
   return ranking.gumbel_top_k_rows(ranking.per_user_keys(key, users), logits, n)
 
 
-def draw_from_pool(key: jax.Array, users: jax.Array, items: jax.Array, valid: jax.Array,
-                   log_probs: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-  """The items at `draw_positions` of the pool rows (items, valid [C, P], best first):
-  (items, valid) [C, n]."""
-  pos = draw_positions(key, users, valid, log_probs, n)
-  return (jnp.take_along_axis(items, pos, axis=-1), jnp.take_along_axis(valid, pos, axis=-1))
-
-
 def make(cfg, models, data) -> Method:
   require_pairs("cd", models)
   guide = cfg.get("guide", "teacher")
