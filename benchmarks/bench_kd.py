@@ -2,7 +2,7 @@ r"""Times each teacher->student method's pieces on the RCE-KD protocol (CiteULik
 batch 2048, 49 steps per epoch).
 
   python -m benchmarks.bench_kd [--methods none,cd,...] [--repeats 3] \
-      [--out results/bench/kd_cpu.json]
+      [--lightgcn] [--out results/bench/kd_cpu.json]
 
 Rows per method: one distillation epoch (the train steps: sampling, both losses, the student's
 (and the method's) update), one refresh (the per-epoch state: CD's pool and draws, RRD's
@@ -27,6 +27,8 @@ _METHODS = flags.DEFINE_list("methods", [m for m in kd_citeulike.METHODS if m !=
                              "Methods to time (configs/kd_citeulike.py arguments).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per row.")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
+_LIGHTGCN = flags.DEFINE_bool("lightgcn", False, "The LightGCN -> LightGCN settings (teacher d "
+                              "2000, 3 layers; student d 20): configs/kd_citeulike.py ',lightgcn'.")
 
 
 def _time_phase(exp, phase, repeats):
@@ -67,7 +69,7 @@ def main(argv):
   del argv
   rows = {}
   for name in ["teacher", *_METHODS.value]:
-    cfg = kd_citeulike.get_config(name)
+    cfg = kd_citeulike.get_config(name + (",lightgcn" if _LIGHTGCN.value else ""))
     exp = train.Experiment(cfg)
     rows[name] = _time_phase(exp, "warmup" if name == "teacher" else "distill",
                              _REPEATS.value)
