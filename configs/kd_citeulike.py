@@ -14,7 +14,7 @@ One run by hand:
 
 Append `,quick` to the argument (e.g. `:cd,quick`; `launch.sweep --quick`) for a minutes-long
 smoke run. Expected time on the 2-core CPU: the teacher ~15 min (early-stopped near epoch 200), a
-student run 5-60 min.
+student run 5-60 min; HetComp ~75 min, DE and HTD hours (~40 s and ~72 s an epoch).
 
 Overrides as `name=value` parts of the argument: a method setting of the table below (e.g.
 `:cd,lambda_kd=1.0,pool_size=500`, `:unkd,pair_swap=intended`, `:rd,renormalize_weights=true`;
@@ -182,8 +182,9 @@ def sweep_arms(quick: bool = False) -> list[dict]:
   `--vmap_seeds`, the recorded table's layout; `teacher_init` = the teacher's folder), plus the
   FTD diagnostic with patience 100 over at most 300 epochs (`ftd_p100`). DE-RRD is capped at 80
   epochs as its archived row (CPU time; `--set de_rrd:distill.epochs=1000` runs the full
-  schedule). HTD (over a minute per epoch on a CPU), DE's patience-100 diagnostic, HetComp and the
-  LightGCN -> LightGCN arms (`lgcn:...`) run only when named, e.g. `--arms htd`."""
+  schedule). HetComp runs on seed 0. HTD (over a minute per epoch on a CPU), DE's patience-100
+  diagnostic and the LightGCN -> LightGCN arms (`lgcn:...`) run only when named, e.g. `--arms
+  htd`."""
   q = ",quick" if quick else ""
   file = "configs/kd_citeulike.py"
   arms = [dict(id="teacher", config=f"{file}:teacher{q}", folder="teacher",
@@ -201,9 +202,10 @@ def sweep_arms(quick: bool = False) -> list[dict]:
   arms.append(dict(id="de_p100", config=f"{file}:de{q}", folder="de_p100_s{seed}", seeds=(0,),
                    set={"distill.patience": 100, **({} if quick else {"distill.epochs": 200})},
                    needs={"teacher_init": "teacher"}, default=False))
-  # HetComp distils from the teacher's trajectory: the teacher workdir's kept checkpoints.
+  # HetComp distils from the teacher's trajectory: the teacher workdir's kept checkpoints (seed
+  # 0: ~12 s an epoch and ~350 epochs on a 2-core CPU).
   arms.append(dict(id="hetcomp", config=f"{file}:hetcomp{q}", folder="hetcomp_s{seed}",
-                   seeds=(0,), needs={"teacher_init": "teacher"}, default=False))
+                   seeds=(0,), needs={"teacher_init": "teacher"}))
   # The LightGCN -> LightGCN table (`,lightgcn`; a d = 2000 teacher: run when named,
   # `--arms lgcn`).
   arms.append(dict(id="lgcn:lgcn_teacher", config=f"{file}:teacher,lightgcn{q}",
