@@ -26,7 +26,7 @@ VMAP_SEEDS = {"kd"}
 # KD arms not run for the current table (CPU time: docs/results/kd.md lists them; DE, DE-RRD,
 # the FTD diagnostic and the earlier defaults' rows are in results/kd_2026-11).
 NOT_RECORDED = {"ibd": {"bpr_warm", "neumf_warm", "cdae_warm"},
-                "kd": {"dcd", "de", "de_rrd"}}
+                "kd": {"de", "de_rrd"}}
 
 
 def _module(protocol):
