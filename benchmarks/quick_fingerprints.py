@@ -26,8 +26,8 @@ CONFIGS = (
     + ["configs/ibd_citeulike.py:cdae,quick", "configs/ibd_citeulike.py:neumf,quick"]
     + [f"configs/kd_citeulike.py:{m},quick"
        for m in ("teacher", "none", "cd", "cd_teacher_redraw", "rd_renorm", "de", "rrd",
-                 "de_rrd", "dcd_kds", "ftd", "htd", "unkd_intended", "cd_teacher", "rd", "dcd", "unkd",
-                 "rce_kd", "hetcomp")]
+                 "de_rrd", "dcd_kds", "ftd", "htd", "unkd_intended", "cd_teacher", "rd", "dcd",
+                 "unkd", "rce_kd", "hetcomp")]
     + [f"configs/td_citeulike.py:{m},quick" for m in ("teacher", "none", "ftd", "htd")]
     + [f"configs/unkd_protocol.py:citeulike,{m},quick"
        for m in ("teacher", "none", "unkd,pair_swap=intended", "cd", "rrd", "unkd")])
@@ -36,7 +36,8 @@ RENAMED = {"kd_citeulike.py:dcd,": "kd_citeulike.py:dcd_kds,",
            "kd_citeulike.py:rd,": "kd_citeulike.py:rd_renorm,",
            "kd_citeulike.py:cd_teacher,": "kd_citeulike.py:cd_teacher_redraw,",
            "kd_citeulike.py:unkd,": "kd_citeulike.py:unkd_intended,",
-           "unkd_protocol.py:citeulike,unkd,": "unkd_protocol.py:citeulike,unkd,pair_swap=intended,"}
+           "unkd_protocol.py:citeulike,unkd,":
+               "unkd_protocol.py:citeulike,unkd,pair_swap=intended,"}
 TIMINGS = {"seconds", "wall_seconds"}
 
 

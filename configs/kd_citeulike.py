@@ -118,8 +118,8 @@ ARMS = {
 # its method's (`kdrec_jax.methods.label`), and RCE-KD's published Table 1 (MF -> MF on
 # CiteULike, mean of 5 runs): Recall@10, NDCG@10, Recall@20, NDCG@20.
 TABLE_ORDER = ("teacher", "none", "cd", "cd_t01", "cd_teacher", "cd_teacher_redraw", "rd",
-               "rd_renorm", "de", "de_p100", "rrd", "de_rrd", "dcd", "dcd_kds", "ftd", "ftd_p100", "htd",
-               "unkd", "unkd_intended", "rce_kd", "hetcomp")
+               "rd_renorm", "de", "de_p100", "rrd", "de_rrd", "dcd", "dcd_kds", "ftd", "ftd_p100",
+               "htd", "unkd", "unkd_intended", "rce_kd", "hetcomp")
 LABELS = {
     "teacher": "teacher (MF d=400)", "none": "student d=20, no KD", "cd": "CD, student-guided",
     "cd_t01": "CD, student-guided, rank temperature 0.1 (chosen on validation)",
