@@ -180,11 +180,11 @@ def sweep_arms(quick: bool = False) -> list[dict]:
   once (folder `teacher`), then every method's students distilled from it on the seeds of
   `SWEEP_SEEDS` (default 0, 1, 2; folders `<method>_s<seed>`, or `<method>/s<seed>` with
   `--vmap_seeds`, the recorded table's layout; `teacher_init` = the teacher's folder), plus the
-  FTD diagnostic with patience 100 over at most 300 epochs (`ftd_p100`). DE-RRD is capped at 80
-  epochs as its archived row (CPU time; `--set de_rrd:distill.epochs=1000` runs the full
-  schedule). HetComp runs on seed 0. HTD (over a minute per epoch on a CPU), DE's patience-100
-  diagnostic and the LightGCN -> LightGCN arms (`lgcn:...`) run only when named, e.g. `--arms
-  htd`."""
+  FTD and DE diagnostics with patience 100 over at most 300 and 200 epochs (`ftd_p100`,
+  `de_p100`). DE-RRD is capped at 80 epochs as its archived row (CPU time; `--set
+  de_rrd:distill.epochs=1000` runs the full schedule). HetComp runs on seed 0. HTD (over a
+  minute per epoch on a CPU) and the LightGCN -> LightGCN arms (`lgcn:...`) run only when named,
+  e.g. `--arms htd`."""
   q = ",quick" if quick else ""
   file = "configs/kd_citeulike.py"
   arms = [dict(id="teacher", config=f"{file}:teacher{q}", folder="teacher",
@@ -198,10 +198,10 @@ def sweep_arms(quick: bool = False) -> list[dict]:
                    set={"distill.patience": 100, **({} if quick else {"distill.epochs": 300})},
                    needs={"teacher_init": "teacher"}))
   # DE's early-stopping diagnostic: patience 100 over at most 200 epochs (~40 s an epoch on a
-  # 2-core CPU: run when named, `--arms de_p100`).
+  # 2-core CPU, ~2.5 h; recorded in results/kd/de_p100).
   arms.append(dict(id="de_p100", config=f"{file}:de{q}", folder="de_p100_s{seed}", seeds=(0,),
                    set={"distill.patience": 100, **({} if quick else {"distill.epochs": 200})},
-                   needs={"teacher_init": "teacher"}, default=False))
+                   needs={"teacher_init": "teacher"}))
   # HetComp distils from the teacher's trajectory: the teacher workdir's kept checkpoints (seed
   # 0: ~12 s an epoch and ~350 epochs on a 2-core CPU).
   arms.append(dict(id="hetcomp", config=f"{file}:hetcomp{q}", folder="hetcomp_s{seed}",
