@@ -194,14 +194,13 @@ def sweep_arms(quick: bool = False) -> list[dict]:
     arms.append(dict(id=name, config=f"{file}:{name}{q}", folder=name + "_s{seed}",
                      seeds=SWEEP_SEEDS.get(name, (0, 1, 2)), set=extra.get(name, {}),
                      needs={"teacher_init": "teacher"}, default=name != "htd"))
-  arms.append(dict(id="ftd_p100", config=f"{file}:ftd{q}", folder="ftd_p100_s{seed}", seeds=(0,),
-                   set={"distill.patience": 100, **({} if quick else {"distill.epochs": 300})},
-                   needs={"teacher_init": "teacher"}))
-  # DE's early-stopping diagnostic: patience 100 over at most 200 epochs (~40 s an epoch on a
-  # 2-core CPU, ~2.5 h; recorded in results/kd/de_p100).
-  arms.append(dict(id="de_p100", config=f"{file}:de{q}", folder="de_p100_s{seed}", seeds=(0,),
-                   set={"distill.patience": 100, **({} if quick else {"distill.epochs": 200})},
-                   needs={"teacher_init": "teacher"}))
+  # The early-stopping diagnostics: patience 100 over at most 300 (FTD) and 200 (DE) epochs (DE:
+  # ~45 s an epoch on a 2-core CPU, ~2.5 h; recorded in results/kd/de_p100).
+  for name, epochs in (("ftd", 300), ("de", 200)):
+    arms.append(dict(id=f"{name}_p100", config=f"{file}:{name}{q}", folder=name + "_p100_s{seed}",
+                     seeds=(0,), needs={"teacher_init": "teacher"},
+                     set={"distill.patience": 100,
+                          **({} if quick else {"distill.epochs": epochs})}))
   # HetComp distils from the teacher's trajectory: the teacher workdir's kept checkpoints (seed
   # 0: ~12 s an epoch and ~350 epochs on a 2-core CPU).
   arms.append(dict(id="hetcomp", config=f"{file}:hetcomp{q}", folder="hetcomp_s{seed}",
