@@ -29,7 +29,7 @@ with one factor moved at a time: lambda 0.1 / 1 / 2, P 500 / 1000, T 1 / 0.1 (at
 q(r) ∝ exp(-r / (P T)) is nearly uniform over the pool: q(P) / q(1) = 0.95; at T 0.1 it is
 e^-10), t1 1 / 5. Compare the arms on the best validation NDCG@10 (results.json:
 phases.distill.student.val, and the per-epoch validations in metrics.jsonl), never on test;
-three seeds (`--config.seed=0,1,2`) where arms differ by less than a seed's spread.
+three seeds (`--config.runs.seeds=0,1,2`) where arms differ by less than a seed's spread.
 What the published table used (woriazzc/RCEKD configs/citeulike/bpr/cd.yaml, identical to
 woriazzc/KDs's): `cd_strategy: "student guide"`, lmbda 0.5, cd_sample_num (P) 3000, cd_T 20,
 cd_n_distill 2, cd_t1 2, cd_t2 0, wd 1e-8, lr 1e-3, batch 2048, 1000 epochs: this file's `cd`.
