@@ -182,7 +182,7 @@ def sweep_arms(quick: bool = False) -> list[dict]:
   `--vmap_seeds`, the recorded table's layout; `teacher_init` = the teacher's folder), plus the
   FTD and DE diagnostics with patience 100 over at most 300 and 200 epochs (`ftd_p100`,
   `de_p100`). DE-RRD is capped at 80 epochs as its archived row (CPU time; `--set
-  de_rrd:distill.epochs=1000` runs the full schedule). HetComp runs on seed 0. HTD (over a
+  de_rrd:distill.epochs=1000` runs the full schedule). HTD (over a
   minute per epoch on a CPU) and the LightGCN -> LightGCN arms (`lgcn:...`) run only when named,
   e.g. `--arms htd`."""
   q = ",quick" if quick else ""
@@ -201,10 +201,10 @@ def sweep_arms(quick: bool = False) -> list[dict]:
                      seeds=(0,), needs={"teacher_init": "teacher"},
                      set={"distill.patience": 100,
                           **({} if quick else {"distill.epochs": epochs})}))
-  # HetComp distils from the teacher's trajectory: the teacher workdir's kept checkpoints (seed
-  # 0: ~12 s an epoch and ~350 epochs on a 2-core CPU).
+  # HetComp distils from the teacher's trajectory: the teacher workdir's kept checkpoints (~12 s
+  # an epoch per run and ~350 epochs on a 2-core CPU).
   arms.append(dict(id="hetcomp", config=f"{file}:hetcomp{q}", folder="hetcomp_s{seed}",
-                   seeds=(0,), needs={"teacher_init": "teacher"}))
+                   seeds=(0, 1, 2), needs={"teacher_init": "teacher"}))
   # The LightGCN -> LightGCN table (`,lightgcn`; a d = 2000 teacher: run when named,
   # `--arms lgcn`).
   arms.append(dict(id="lgcn:lgcn_teacher", config=f"{file}:teacher,lightgcn{q}",
