@@ -10,6 +10,12 @@ compiled once and reused, so that row is N times a single run without N compilat
 seconds exclude compilation (the first epoch is untimed) and peak memory is the process's
 maximum resident set (CPU) or the device's peak bytes in use (GPU). The teacher is a fresh
 init: the timings do not depend on what it ranks.
+
+  python -m benchmarks.bench_runs --method rrd --epochs 5 --runs 3 --live 1
+
+With `--live K`: the vmapped program of each N with only K runs live (the others stopped early:
+`RunsProgram.live`, their epochs, refreshes and evaluations skipped), against the vmapped
+programs of K and of N runs, all live.
 """
 import json
 import os
@@ -20,12 +26,15 @@ import time
 
 from absl import app
 from absl import flags
+import numpy as np
 
 _METHOD = flags.DEFINE_string("method", "rrd", "configs/kd_citeulike.py argument.")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Timed epochs (after one untimed compiling epoch).")
 _RUNS = flags.DEFINE_list("runs", ["1", "3", "5"], "Numbers of seeds.")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
-_CHILD = flags.DEFINE_string("child", "", "Internal: 'vmap:N' or 'loop:N'.")
+_LIVE = flags.DEFINE_integer("live", 0, "If > 0: N vmapped runs of which this many are live "
+                             "(the rest stopped early), against K vmapped runs.")
+_CHILD = flags.DEFINE_string("child", "", "Internal: 'vmap:N', 'loop:N' or 'vmap:N:K'.")
 
 
 def _peak_mb() -> float:
@@ -36,7 +45,7 @@ def _peak_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(mode: str, n: int) -> dict:
+def _child(mode: str, n: int, live: int) -> dict:
   import jax
   from configs import kd_citeulike
   from kdrec_jax import runs, train
@@ -59,13 +68,14 @@ def _child(mode: str, n: int) -> dict:
     hp = {k: jax.numpy.full((n,), v, jax.numpy.float32) for k, v in exp.method.hparams.items()}
     prog = runs.RunsProgram(program, keys, hp, shared={"teacher"})
     state = prog.replicate(prog.initial_state({"teacher": teacher}))
+    prog.live = np.arange(n) < live
 
     def one(state, e):
       if prog.uses_refresh:
         state, _ = prog.refresh(state, runs._vmap_fold_in(keys, 1 << 30), e)
         state = prog.replicate(state)
       state, _ = prog.run_epoch(state, runs._vmap_fold_in(keys, e), e)
-      for r in range(n):
+      for r in range(live):
         exp.evaluate(prog.params_of(state, r), splits=("val",), models=("student",))
       return state
     seconds = timed(one, state)
@@ -83,32 +93,34 @@ def _child(mode: str, n: int) -> dict:
         exp.evaluate(state.params, splits=("val",), models=("student",))
         return state
       seconds += timed(one, program.replicate(jax.tree.map(jax.numpy.copy, state0)))
-  return {"mode": mode, "runs": n, "seconds": seconds, "seconds_per_epoch": seconds / _EPOCHS.value,
-          "peak_mb": _peak_mb()}
+  return {"mode": mode, "runs": n, "live": live, "seconds": seconds,
+          "seconds_per_epoch": seconds / _EPOCHS.value, "peak_mb": _peak_mb()}
 
 
 def main(argv):
   del argv
   if _CHILD.value:
-    mode, n = _CHILD.value.split(":")
-    print("RESULT " + json.dumps(_child(mode, int(n))), flush=True)
+    mode, n, *live = _CHILD.value.split(":")
+    print("RESULT " + json.dumps(_child(mode, int(n), int((live or [n])[0]))), flush=True)
     return
   rows = []
-  for n in (int(x) for x in _RUNS.value):
-    for mode in ("vmap", "loop"):
-      proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_runs",
-                             f"--method={_METHOD.value}", f"--epochs={_EPOCHS.value}",
-                             f"--child={mode}:{n}"], capture_output=True, text=True,
-                            env=dict(os.environ))
-      line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-      if not line:
-        raise SystemExit(f"{mode}:{n} failed:\n{proc.stderr[-3000:]}")
-      rows.append(json.loads(line[-1][len("RESULT "):]))
-      print(json.dumps(rows[-1]), flush=True)
+  k = _LIVE.value
+  children = ([f"vmap:{k}"] + [f"vmap:{n}{x}" for n in _RUNS.value for x in (f":{k}", "")] if k else
+              [f"{mode}:{n}" for n in _RUNS.value for mode in ("vmap", "loop")])
+  for child in children:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_runs",
+                           f"--method={_METHOD.value}", f"--epochs={_EPOCHS.value}",
+                           f"--child={child}"], capture_output=True, text=True,
+                          env=dict(os.environ))
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+      raise SystemExit(f"{child} failed:\n{proc.stderr[-3000:]}")
+    rows.append(json.loads(line[-1][len("RESULT "):]))
+    print(json.dumps(rows[-1]), flush=True)
   import jax
   report = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
             "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
-            "cpus": os.cpu_count(), "method": _METHOD.value, "epochs": _EPOCHS.value,
+            "cpus": os.cpu_count(), "method": _METHOD.value, "epochs": _EPOCHS.value, "live": k,
             "rows": rows}
   print(json.dumps(report, indent=2))
   if _OUT.value:

@@ -19,8 +19,9 @@
 #           overrides; outputs in $OUT/ibd/cdae_s<seed>_<arm>/ for `benchmarks.kd_table`
 #   fast:   the BPR-MF rows with pre-drawn samples and histogram ranks; the step profile
 #   scale:  BD beyond the table budget on a synthetic 1,000,000 x 200,000 catalogue
-#   runs:   seeds as one vmapped program against one after another (benchmarks.bench_runs), and
-#           FTD's loss for 3 students under the run axis (benchmarks.bench_ftd_forms --runs 3)
+#   runs:   seeds as one vmapped program against one after another (benchmarks.bench_runs; and
+#           3 runs with 2 stopped, --live 1), and FTD's loss for 3 students under the run axis
+#           (benchmarks.bench_ftd_forms --runs 3)
 #   kd_seeds: the RCE-KD protocol's default arms over 3 seeds, each arm one vmapped program
 #   lgcn:   the LightGCN -> LightGCN table (teacher d 2000; none, RRD, RCE-KD)
 #   kd_new: the rows rerun with the authors' defaults and added (RD, DCD, CD teacher-guided,
@@ -85,6 +86,8 @@ for what in "$@"; do
              --out "$OUT/scale_1m_200k_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -24 ;;
     runs) python3 -m benchmarks.bench_runs --method "${RUNS_METHOD:-rrd}" --epochs 5 --runs 1,3,5 \
              --out "$OUT/runs_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -40
+          python3 -m benchmarks.bench_runs --method "${RUNS_METHOD:-rrd}" --epochs 5 --runs 3 \
+             --live 1 --out "$OUT/runs_live_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -30
           python3 -m benchmarks.bench_ftd_forms --repeats 3 --runs 3 2>&1 | grep -v "^[IW]1" ;;
     kd_seeds|lgcn|kd_new) wd=/tmp/kd_gpu; mkdir -p "$OUT/$what"
           case "$what" in

@@ -8,7 +8,9 @@ learners' params and optimizer states, the per-refresh state, the keys (hence ea
 order and draws) and the traced hyperparameters carry a leading axis of size N, and
 `jax.vmap` runs them together; the frozen teachers, their prepared lists and the data are shared,
 not copied N times. Grid values of other keys (a list size, a model's width) change the program,
-so their runs form groups trained one after another in the same process.
+so their runs form groups trained one after another in the same process. Each run stops at its
+own patience; from then on the program trains only the runs still going (their slice of the
+stacked state; one more compilation per number of live runs), so a stopped run costs nothing.
 
 Each run writes the folder of a single run (`results.json`, `metrics.jsonl`, `config.json`) under
 the workdir, named `s<seed>` or `<key><value>_..._s<seed>`; the group's checkpoints hold the
@@ -133,6 +135,24 @@ def take(tree, axes, i: int):
                       tree, is_leaf=lambda a: a is None)
 
 
+def put(tree, axes, idx, sub):
+  """`tree` with the runs `idx` [k] replaced by `sub` (those k runs, stacked): the inverse of
+  `take(tree, axes, idx)`. Leaves with axis None (shared by the runs) come from `sub`: a step
+  that donated its input returns them as new buffers."""
+  return jax.tree.map(
+      lambda a, x, y: y if a is None else jax.tree.map(lambda u, v: u.at[idx].set(v), x, y),
+      axes, tree, sub, is_leaf=lambda a: a is None)
+
+
+def _scatter(tree, idx, n: int, into=None):
+  """Per-run outputs `tree` of the runs `idx` [k] spread to all n runs: into `into` (a tree of
+  n runs) where it has their structure, else zeros for the others (e.g. a refresh's first cache
+  after a resume)."""
+  if into is not None and jax.tree.structure(into) == jax.tree.structure(tree):
+    return put(into, 0, idx, tree)
+  return jax.tree.map(lambda x: jnp.zeros((n, *x.shape[1:]), x.dtype).at[idx].set(x), tree)
+
+
 def keys_for(seeds) -> jax.Array:
   """The runs' root keys, stacked: run r's key is `jax.random.key(seed_r)`, a single run's."""
   return jnp.stack([jax.random.key(int(s)) for s in seeds])
@@ -197,6 +217,15 @@ class RunsProgram:
     self._prepare = jax.jit(jax.vmap(self.method.prepare)) if (
         self.method.prepare and not frozen_shared) else None
     self._refresh = None
+    # The runs still training (set by the loop from the early stopping; None: all). A run that
+    # has stopped keeps its state and is left out of the epochs and refreshes that follow.
+    self.live = None
+
+  def _live(self):
+    """The indices of the live runs when some have stopped, else None."""
+    if self.live is None or np.all(self.live):
+      return None
+    return jnp.asarray(np.flatnonzero(self.live))
 
   def _frozen_models(self):
     return [m for m in ("teacher", "student") if m not in self.phase.train]
@@ -254,10 +283,17 @@ class RunsProgram:
     if self._refresh is None:
       self._refresh = jax.jit(jax.vmap(self.method.refresh,
                                        in_axes=(self.axes.static, axes, 0, 0, None)))
+    args = (state.static, params, snap.get("carry", state.carry), _vmap_fold_in(keys, epoch))
+    live = self._live()
+    if live is not None:
+      args = tuple(take(x, a, live) for x, a in zip(args, (self.axes.static, axes, 0, 0)))
     with ranking.x64():
-      cache, carry = self._refresh(state.static, params, snap.get("carry", state.carry),
-                                   _vmap_fold_in(keys, epoch), jnp.int32(epoch))
+      cache, carry = self._refresh(*args, jnp.int32(epoch))
     stats = cache.pop("metrics", None)
+    if live is not None:
+      n = self.num_runs
+      cache, carry = _scatter(cache, live, n, state.cache), _scatter(carry, live, n, state.carry)
+      stats = None if stats is None else _scatter(stats, live, n)
     state = state.replace(cache=cache)
     if not resume:
       state = state.replace(carry=carry)
@@ -268,7 +304,13 @@ class RunsProgram:
     return jax.device_put(state, NamedSharding(self.mesh, P()))
 
   def run_epoch(self, state, keys, epoch: int = 0):
-    return self.epoch(state, self.exp.examples, keys, epoch)
+    """One epoch of the live runs (`keys` [N]); the metrics of the others are zeros."""
+    live = self._live()
+    if live is None:
+      return self.epoch(state, self.exp.examples, keys, epoch)
+    sub, metrics = self.epoch(self.replicate(take(state, self.axes, live)), self.exp.examples,
+                              keys[live], epoch)
+    return put(state, self.axes, live, sub), _scatter(metrics, live, self.num_runs)
 
   def params_of(self, state, r: int) -> dict:
     """Run r's params ({model: params})."""
@@ -322,8 +364,8 @@ class RunsEarlyStop:
 
 class RunsWriter:
   """One `MetricWriter` per run; `write` gives run r its slice [r] of every array leaf. Runs in
-  `mute` (those that stopped early: the program trains on until every run has stopped) get no
-  further lines, so that each run's metrics.jsonl reads as a single run's."""
+  `mute` (those that stopped early; they train no further) get no further lines, so that each
+  run's metrics.jsonl reads as a single run's."""
 
   def __init__(self, writers):
     self.writers = writers
@@ -368,8 +410,11 @@ class RunsPhaseRun(schedule.PhaseRun):
     metrics = jax.device_get(metrics)
     dt = (time.time() - clock["t"]) / (epoch - clock["epoch"])
     clock.update(t=time.time(), epoch=epoch)
-    records = []
+    records, live = [], ~self.writer.mute
     for r in range(self.n):
+      if not live[r]:  # stopped: not trained, no line
+        records.append(None)
+        continue
       n = float(metrics["examples"][r])
       losses = {k: float(v[r]) / n for k, v in metrics.items() if k != "examples"}
       if not all(np.isfinite(v) for v in losses.values()):
@@ -377,16 +422,22 @@ class RunsPhaseRun(schedule.PhaseRun):
             f"[{self.phase.name}] run {r}, epoch {epoch}: non-finite loss {losses}; the last "
             f"good checkpoint is epoch {self.ckpt.latest_epoch()} in {self.ckpt.directory}")
       records.append(dict(phase=self.phase.name, epoch=epoch, seconds_per_epoch=dt,
-                          examples_per_s=n * self.n / dt, **losses))
+                          examples_per_s=n * live.sum() / dt, **losses))
     self.writer.each(records)
     progress.clear()
-    logging.info("[%s] epoch %d/%d  %d runs  %.2f s/epoch  ~%s left", self.phase.name, epoch,
-                 self.pcfg.epochs, self.n, dt, duration(dt * (self.pcfg.epochs - epoch)))
-    progress.update(epoch, f"{self.n} runs")
+    logging.info("[%s] epoch %d/%d  %d of %d runs training  %.2f s/epoch  ~%s left",
+                 self.phase.name, epoch, self.pcfg.epochs, live.sum(), self.n, dt,
+                 duration(dt * (self.pcfg.epochs - epoch)))
+    progress.update(epoch, f"{live.sum()} of {self.n} runs")
+
+  def _set_mute(self, best):
+    """Runs that stopped early write no more lines and train no further (`RunsProgram.live`)."""
+    self.writer.mute = ~self.early.active(best)
+    self.program.live = ~self.writer.mute
 
   def _loop(self, state, epoch, best):
     if self.early.on:  # runs that stopped before a resume stay silent
-      self.writer.mute = ~self.early.active(best)
+      self._set_mute(best)
     return super()._loop(state, epoch, best)
 
   def _validate(self, state, epoch, best, progress):
@@ -400,7 +451,7 @@ class RunsPhaseRun(schedule.PhaseRun):
       best = self.early.update(best, values, state, self.phase, epoch)
     self.writer.each([dict(phase=self.phase.name, epoch=epoch, eval=v) for v in vals])
     if self.early.on:
-      self.writer.mute = ~self.early.active(best)
+      self._set_mute(best)
     progress.update(epoch)
     return best
 

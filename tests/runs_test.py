@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from conftest import kd_config
@@ -66,6 +68,25 @@ def test_command_line_runs_flags():
     flags_util._pop_runs(["--config.runs.seeds=a"])
 
 
+def test_live_runs_slice_and_put_back():
+  """`take` of the live runs and `put` back (shared leaves from the slice's side: a donating step
+  returns them as new buffers); `_scatter` spreads a slice's outputs into a full tree, or into
+  zeros where there is none of that structure yet (a refresh's first cache after a resume)."""
+  tree = {"a": jnp.arange(6.0).reshape(3, 2), "shared": jnp.ones(4)}
+  axes = {"a": 0, "shared": None}
+  idx = np.array([0, 2])
+  sub = runs.take(tree, axes, idx)
+  np.testing.assert_array_equal(sub["a"], [[0, 1], [4, 5]])
+  sub = {"a": sub["a"] + 10, "shared": jnp.zeros(4)}
+  out = runs.put(tree, axes, idx, sub)
+  np.testing.assert_array_equal(out["a"], [[10, 11], [2, 3], [14, 15]])
+  np.testing.assert_array_equal(out["shared"], np.zeros(4))
+  stats = {"x": jnp.array([5.0, 7.0])}
+  np.testing.assert_array_equal(runs._scatter(stats, idx, 3)["x"], [5, 0, 7])
+  np.testing.assert_array_equal(runs._scatter(stats, idx, 3, {"x": jnp.ones(3)})["x"], [5, 1, 7])
+  np.testing.assert_array_equal(runs._scatter(stats, idx, 3, {})["x"], [5, 0, 7])
+
+
 def test_memory_is_bounded_with_a_clear_message():
   runs.check_fits(2**20, 3, available_mb=100.0, budget_mb=8192)
   with pytest.raises(ValueError, match=r"runs: 3 runs need about 3 MiB.*more than 1 MiB"):
@@ -97,7 +118,6 @@ def test_vmapped_seeds_equal_the_single_runs(citeulike_file, teacher, tmp_path, 
     assert {x["epoch"] for x in lines if "loss_student" in x} == {1, 2, 3}
 
 
-@pytest.mark.slow
 def _lines(workdir):
   """(phase, epoch, what) of each metrics.jsonl line of the distillation phase."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -107,12 +127,18 @@ def _lines(workdir):
           for r in rows if r.get("phase") == "distill"]
 
 
-def test_per_run_early_stopping_and_resume(citeulike_file, teacher, tmp_path):
+@pytest.mark.slow
+def test_per_run_early_stopping_and_resume(citeulike_file, teacher, tmp_path, monkeypatch):
   """A grid of the KD weight (traced: one program): each run stops at its own best validation
-  epoch, as its single run does; a sweep stopped after 3 epochs resumes to the same results."""
+  epoch, as its single run does, and is left out of the epochs after its stop; a sweep stopped
+  after 3 epochs resumes to the same results."""
   grid = {"method": {"lambda_rrd": (0.0, 3.0)}}
   # A large step size: the validation curves wander, so the runs peak at different epochs.
   kw = dict(distill__epochs=12, distill__patience=2, distill__student__lr=0.05)
+  partial = []  # the live runs of every epoch or refresh that left a stopped run out
+  put = runs.put
+  monkeypatch.setattr(runs, "put", lambda tree, axes, idx, sub: (
+      partial.append(tuple(int(i) for i in idx)), put(tree, axes, idx, sub))[1])
   whole = train.train_and_evaluate(_config(citeulike_file, teacher, "rrd", grid=grid, **kw),
                                    str(tmp_path / "whole"))
   best = {}
@@ -129,6 +155,10 @@ def test_per_run_early_stopping_and_resume(citeulike_file, teacher, tmp_path):
     assert (_lines(tmp_path / "whole" / f"lambda_rrd{lam}_s0")
             == _lines(tmp_path / f"one{lam}")), lam
   assert best[0.0] != best[3.0]  # (best epoch, stop epoch): (7, 9) and (6, 8)
+  # Between the two stops only the run that stops last trains (its epochs and RRD's refreshes).
+  last = max(best, key=lambda lam: best[lam][1])
+  assert best[last][1] > min(b[1] for b in best.values())
+  assert partial and set(partial) == {((0.0, 3.0).index(last),)}
   path = str(tmp_path / "stopped")
   cfg = _config(citeulike_file, teacher, "rrd", grid=grid, max_epochs_per_run=3, **kw)
   for _ in range(6):
