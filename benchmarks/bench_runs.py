@@ -33,7 +33,7 @@ _EPOCHS = flags.DEFINE_integer("epochs", 5, "Timed epochs (after one untimed com
 _RUNS = flags.DEFINE_list("runs", ["1", "3", "5"], "Numbers of seeds.")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON report here too.")
 _LIVE = flags.DEFINE_integer("live", 0, "If > 0: N vmapped runs of which this many are live "
-                             "(the rest stopped early), against K vmapped runs.")
+                             "(the rest stopped early), against K and N vmapped runs, all live.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: 'vmap:N', 'loop:N' or 'vmap:N:K'.")
 
 
