@@ -9,8 +9,10 @@ order and draws) and the traced hyperparameters carry a leading axis of size N, 
 `jax.vmap` runs them together; the frozen teachers, their prepared lists and the data are shared,
 not copied N times. Grid values of other keys (a list size, a model's width) change the program,
 so their runs form groups trained one after another in the same process. Each run stops at its
-own patience; from then on the program trains only the runs still going (their slice of the
-stacked state; one more compilation per number of live runs), so a stopped run costs nothing.
+own patience; from then on the program trains and refreshes only the runs still going (their
+slice of the stacked state, written back in place; the epoch and refresh compile once more per
+number of live runs), so a stopped run costs no more epochs (its state stays in memory and in the
+checkpoints).
 
 Each run writes the folder of a single run (`results.json`, `metrics.jsonl`, `config.json`) under
 the workdir, named `s<seed>` or `<key><value>_..._s<seed>`; the group's checkpoints hold the
@@ -135,19 +137,27 @@ def take(tree, axes, i: int):
                       tree, is_leaf=lambda a: a is None)
 
 
+# Rows `idx` of every leaf of `full` set from `sub`, in place: `full` is donated.
+_set_rows = jax.jit(lambda full, idx, sub: jax.tree.map(lambda u, v: u.at[idx].set(v), full, sub),
+                    donate_argnums=0)
+
+
 def put(tree, axes, idx, sub):
   """`tree` with the runs `idx` [k] replaced by `sub` (those k runs, stacked): the inverse of
-  `take(tree, axes, idx)`. Leaves with axis None (shared by the runs) come from `sub`: a step
+  `take(tree, axes, idx)`. The runs' own leaves of `tree` are donated (updated in place: do not
+  use `tree` afterwards); leaves with axis None (shared by the runs) come from `sub`, as a step
   that donated its input returns them as new buffers."""
-  return jax.tree.map(
-      lambda a, x, y: y if a is None else jax.tree.map(lambda u, v: u.at[idx].set(v), x, y),
-      axes, tree, sub, is_leaf=lambda a: a is None)
+  is_leaf = lambda a: a is None  # noqa: E731
+  runs_part = lambda t: jax.tree.map(  # noqa: E731
+      lambda a, x: None if a is None else x, axes, t, is_leaf=is_leaf)
+  merged = _set_rows(runs_part(tree), idx, runs_part(sub))
+  return jax.tree.map(lambda a, x, y: y if a is None else x, axes, merged, sub, is_leaf=is_leaf)
 
 
 def _scatter(tree, idx, n: int, into=None):
   """Per-run outputs `tree` of the runs `idx` [k] spread to all n runs: into `into` (a tree of
-  n runs) where it has their structure, else zeros for the others (e.g. a refresh's first cache
-  after a resume)."""
+  n runs, donated) where it has their structure, else zeros for the others (e.g. a refresh's
+  first cache after a resume)."""
   if into is not None and jax.tree.structure(into) == jax.tree.structure(tree):
     return put(into, 0, idx, tree)
   return jax.tree.map(lambda x: jnp.zeros((n, *x.shape[1:]), x.dtype).at[idx].set(x), tree)
@@ -292,7 +302,8 @@ class RunsProgram:
     stats = cache.pop("metrics", None)
     if live is not None:
       n = self.num_runs
-      cache, carry = _scatter(cache, live, n, state.cache), _scatter(carry, live, n, state.carry)
+      cache = _scatter(cache, live, n, state.cache)
+      carry = None if resume else _scatter(carry, live, n, state.carry)
       stats = None if stats is None else _scatter(stats, live, n)
     state = state.replace(cache=cache)
     if not resume:
