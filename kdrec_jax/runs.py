@@ -158,9 +158,9 @@ def _scatter(tree, idx, n: int, into=None):
   """Per-run outputs `tree` of the runs `idx` [k] spread to all n runs: into `into` (a tree of
   n runs, donated) where it has their structure, else zeros for the others (e.g. a refresh's
   first cache after a resume)."""
-  if into is not None and jax.tree.structure(into) == jax.tree.structure(tree):
-    return put(into, 0, idx, tree)
-  return jax.tree.map(lambda x: jnp.zeros((n, *x.shape[1:]), x.dtype).at[idx].set(x), tree)
+  if into is None or jax.tree.structure(into) != jax.tree.structure(tree):
+    into = jax.tree.map(lambda x: jnp.zeros((n, *x.shape[1:]), x.dtype), tree)
+  return put(into, 0, idx, tree)
 
 
 def keys_for(seeds) -> jax.Array:

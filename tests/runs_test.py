@@ -13,6 +13,7 @@ import pytest
 
 from conftest import kd_config
 from kdrec_jax import runs, train
+from kdrec_jax import workdir as wd
 from launch import flags_util
 
 
@@ -118,16 +119,10 @@ def test_vmapped_seeds_equal_the_single_runs(citeulike_file, teacher, tmp_path, 
     assert {x["epoch"] for x in lines if "loss_student" in x} == {1, 2, 3}
 
 
-def _numbers(tree, prefix=""):
+def _numbers(row):
   """{dotted key: number} of a metrics line, less the timings."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_numbers(v, f"{prefix}{k}."))
-    elif isinstance(v, (int, float)) and k not in ("seconds", "seconds_per_epoch",
-                                                   "examples_per_s"):
-      out[prefix + k] = v
-  return out
+  return {k: v for k, v in wd._flat(row).items() if isinstance(v, (int, float))
+          and k.rsplit(".", 1)[-1] not in ("seconds", "seconds_per_epoch", "examples_per_s")}
 
 
 def _lines(workdir):
