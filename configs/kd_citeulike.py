@@ -14,7 +14,7 @@ One run by hand:
 
 Append `,quick` to the argument (e.g. `:cd,quick`; `launch.sweep --quick`) for a minutes-long
 smoke run. Expected time on the 2-core CPU: the teacher ~15 min (early-stopped near epoch 200), a
-student run 5-60 min; HetComp ~75 min, DE and HTD hours (~40 s and ~72 s an epoch).
+student run 5-60 min; HetComp ~75 min, DE and HTD hours (~30 s and ~47 s an epoch).
 
 Overrides as `name=value` parts of the argument: a method setting of the table below (e.g.
 `:cd,lambda_kd=1.0,pool_size=500`, `:unkd,pair_swap=intended`, `:rd,renormalize_weights=true`;
@@ -169,7 +169,7 @@ def method_config(name: str):
   return methods.defaults(method, **changes, lists_budget_mb=2048, list_chunk=256), wd
 
 # Seeds of the recorded sweep (results/kd, `launch.sweep --vmap_seeds`: an arm's seeds as one
-# program): three for every method, one for DE and DE-RRD (their experts: ~40 s an epoch on a
+# program): three for every method, one for DE and DE-RRD (their experts: ~30 s an epoch on a
 # 2-core CPU), the earlier defaults' switch rows and DCD's KDs variant.
 SWEEP_SEEDS = {name: (0,) for name in ("de", "de_rrd", "rd_renorm", "cd_teacher_redraw",
                                        "unkd_intended", "dcd_kds")}
