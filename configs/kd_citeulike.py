@@ -127,7 +127,7 @@ LABELS = {
     "cd_teacher_redraw": "CD, teacher-guided, items redrawn every epoch",
     "rd_renorm": "RD, weights renormalised, λ 0.5", "dcd": "DCD (authors')",
     "dcd_kds": "DCD (KDs)", "unkd_intended": "UnKD, intended pair swap",
-    "de_p100": "DE, patience 100, ≤ 200 epochs (diagnostic)",
+    "de_p100": "DE, patience 100, ≤ 200 epochs (diagnostic)", "de_rrd": "DE-RRD, ≤ 80 epochs",
     "ftd_p100": "FTD, patience 100, ≤ 300 epochs (diagnostic)",
 }
 PUBLISHED = {
