@@ -169,10 +169,11 @@ def method_config(name: str):
   return methods.defaults(method, **changes, lists_budget_mb=2048, list_chunk=256), wd
 
 # Seeds of the recorded sweep (results/kd, `launch.sweep --vmap_seeds`: an arm's seeds as one
-# program): three for every method, one for DE and DE-RRD (their experts: ~30 s an epoch on a
-# 2-core CPU), the earlier defaults' switch rows and DCD's KDs variant.
-SWEEP_SEEDS = {name: (0,) for name in ("de", "de_rrd", "rd_renorm", "cd_teacher_redraw",
-                                       "unkd_intended", "dcd_kds")}
+# program): three for every method, one for DE (its experts: ~30 s an epoch per run on a 2-core
+# CPU; its three seeds are under way, docs/results/kd.md), the earlier defaults' switch rows and
+# DCD's KDs variant.
+SWEEP_SEEDS = {name: (0,) for name in ("de", "rd_renorm", "cd_teacher_redraw", "unkd_intended",
+                                       "dcd_kds")}
 
 
 def sweep_arms(quick: bool = False) -> list[dict]:

@@ -23,10 +23,10 @@ STEERING = ("checkpoint_every", "warmup_from", "teacher_init", "data.path", "for
 # Protocols recorded with each arm's seeds run as one program (`launch.sweep --vmap_seeds`).
 VMAP_SEEDS = {"kd"}
 # Runs of the default sweeps not in results/: the shared iBD warm-ups (not archived), and the
-# KD arms not run for the current table (CPU time: docs/results/kd.md lists them; DE, DE-RRD,
-# the FTD diagnostic and the earlier defaults' rows are in results/kd_2026-11).
+# KD arm not run for the current table (CPU time: docs/results/kd.md says so; DE's patience-30
+# row with the earlier teacher is in results/kd_2026-11).
 NOT_RECORDED = {"ibd": {"bpr_warm", "neumf_warm", "cdae_warm"},
-                "kd": {"de", "de_rrd"}}
+                "kd": {"de"}}
 
 
 def _module(protocol):
