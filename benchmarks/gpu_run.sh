@@ -23,6 +23,8 @@
 #           3 runs with 2 stopped, --live 1), and FTD's loss for 3 students under the run axis
 #           (benchmarks.bench_ftd_forms --runs 3)
 #   kd_seeds: the RCE-KD protocol's default arms over 3 seeds, each arm one vmapped program
+#   kd_slow: the rows the 2-core CPU cannot finish in a session: DE and DE-RRD on the full
+#           schedule (patience 30, no 80-epoch cap) and HTD, seeds 0-2 as one program each
 #   lgcn:   the LightGCN -> LightGCN table (teacher d 2000; none, RRD, RCE-KD)
 #   kd_new: the rows rerun with the authors' defaults and added (RD, DCD, CD teacher-guided,
 #           UnKD, RCE-KD, HetComp), DE's patience-100 diagnostic and HTD
@@ -89,11 +91,13 @@ for what in "$@"; do
           python3 -m benchmarks.bench_runs --method "${RUNS_METHOD:-rrd}" --epochs 5 --runs 3 \
              --live 1 --out "$OUT/runs_live_gpu.json" 2>&1 | grep -v "^[IW]1" | tail -30
           python3 -m benchmarks.bench_ftd_forms --repeats 3 --runs 3 2>&1 | grep -v "^[IW]1" ;;
-    kd_seeds|lgcn|kd_new) wd=/tmp/kd_gpu; mkdir -p "$OUT/$what"
+    kd_seeds|lgcn|kd_new|kd_slow) wd=/tmp/kd_gpu; mkdir -p "$OUT/$what"
           case "$what" in
             kd_seeds) sel=""; extra="--vmap_seeds --seeds 0,1,2" ;;  # every default arm, 3 seeds
             lgcn) sel="--arms lgcn"; extra="" ;;
             kd_new) sel="--arms rd,dcd,cd_teacher,unkd,rce_kd,hetcomp,de_p100,htd"; extra="" ;;
+            kd_slow) sel="--arms de,de_rrd,htd --set de:distill.epochs=1000"
+                     extra="--set de_rrd:distill.epochs=1000 --vmap_seeds --seeds 0,1,2" ;;
           esac
           python3 -m launch.sweep --config configs/kd_citeulike.py $sel $extra --root "$wd" 2>&1 \
             | tee "$OUT/$what/sweep.log" | tail -30
