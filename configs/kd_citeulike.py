@@ -127,8 +127,7 @@ LABELS = {
     "cd_teacher_redraw": "CD, teacher-guided, items redrawn every epoch",
     "rd_renorm": "RD, weights renormalised, λ 0.5", "dcd": "DCD (authors')",
     "dcd_kds": "DCD (KDs)", "unkd_intended": "UnKD, intended pair swap",
-    "de": "DE, ≤ 80 epochs", "de_p100": "DE, patience 100, ≤ 200 epochs (diagnostic)",
-    "de_rrd": "DE-RRD, ≤ 80 epochs",
+    "de_p100": "DE, patience 100, ≤ 200 epochs (diagnostic)", "de_rrd": "DE-RRD, ≤ 80 epochs",
     "ftd_p100": "FTD, patience 100, ≤ 300 epochs (diagnostic)",
 }
 PUBLISHED = {
@@ -170,30 +169,28 @@ def method_config(name: str):
   return methods.defaults(method, **changes, lists_budget_mb=2048, list_chunk=256), wd
 
 # Seeds of the recorded sweep (results/kd, `launch.sweep --vmap_seeds`: an arm's seeds as one
-# program): 0, 1, 2 for every arm but DCD's KDs variant (the authors' DCD has three) and the two
-# early-stopping diagnostics (seed 0).
-SWEEP_SEEDS = {"dcd_kds": (0,)}
+# program): 0, 1, 2 for every arm but the two early-stopping diagnostics (seed 0).
+SEEDS = (0, 1, 2)
 
 
 def sweep_arms(quick: bool = False) -> list[dict]:
   """The protocol's runs for `python -m launch.sweep` (arm format: launch/sweep.py): the teacher
   once (folder `teacher`), then every method's students distilled from it on the seeds of
-  `SWEEP_SEEDS` (default 0, 1, 2; folders `<method>_s<seed>`, or `<method>/s<seed>` with
+  `SEEDS` (folders `<method>_s<seed>`, or `<method>/s<seed>` with
   `--vmap_seeds`, the recorded table's layout; `teacher_init` = the teacher's folder), plus the
   FTD and DE diagnostics with patience 100 over at most 300 and 200 epochs (`ftd_p100`,
-  `de_p100`). DE and DE-RRD are capped at 80 epochs (CPU time: their experts, ~30 s an epoch per
-  run on a 2-core CPU; `--set de:distill.epochs=1000` runs the full schedule). HTD (over a
-  minute per epoch on a CPU) and the LightGCN -> LightGCN arms (`lgcn:...`) run only when named,
+  `de_p100`). DE-RRD is capped at 80 epochs as its archived row (CPU time: DE's experts, ~30 s an
+  epoch per run on a 2-core CPU; `--set de_rrd:distill.epochs=1000` runs the full schedule). HTD
+  (~50 s per epoch on a CPU) and the LightGCN -> LightGCN arms (`lgcn:...`) run only when named,
   e.g. `--arms htd`."""
   q = ",quick" if quick else ""
   file = "configs/kd_citeulike.py"
   arms = [dict(id="teacher", config=f"{file}:teacher{q}", folder="teacher",
                fixed={"distill.epochs": 0})]
-  cap = {} if quick else {"distill.epochs": 80}
-  extra = {"de": cap, "de_rrd": cap}
+  extra = {"de_rrd": {} if quick else {"distill.epochs": 80}}
   for name in METHODS[1:]:
     arms.append(dict(id=name, config=f"{file}:{name}{q}", folder=name + "_s{seed}",
-                     seeds=SWEEP_SEEDS.get(name, (0, 1, 2)), set=extra.get(name, {}),
+                     seeds=SEEDS, set=extra.get(name, {}),
                      needs={"teacher_init": "teacher"}, default=name != "htd"))
   # The early-stopping diagnostics: patience 100 over at most 300 (FTD) and 200 (DE) epochs (DE:
   # ~45 s an epoch on a 2-core CPU, ~2.5 h; recorded in results/kd/de_p100).
