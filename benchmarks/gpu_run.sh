@@ -96,8 +96,8 @@ for what in "$@"; do
             kd_seeds) sel=""; extra="--vmap_seeds --seeds 0,1,2" ;;  # every default arm, 3 seeds
             lgcn) sel="--arms lgcn"; extra="" ;;
             kd_new) sel="--arms rd,dcd,cd_teacher,unkd,rce_kd,hetcomp,de_p100,htd"; extra="" ;;
-            kd_slow) sel="--arms de,de_rrd,htd --set de_rrd:distill.epochs=1000"
-                     extra="--vmap_seeds"; wd=/tmp/kd_gpu_full ;;  # DE-RRD uncapped: its own root
+            kd_slow) sel="--arms de,de_rrd,htd"; wd=/tmp/kd_gpu_full  # DE-RRD uncapped: own root
+                     extra="--set de_rrd:distill.epochs=1000 --vmap_seeds" ;;
           esac
           python3 -m launch.sweep --config configs/kd_citeulike.py $sel $extra --root "$wd" 2>&1 \
             | tee "$OUT/$what/sweep.log" | tail -30
